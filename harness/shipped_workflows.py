@@ -1,0 +1,58 @@
+"""The shipped workflows, described compactly; `python -m harness.shipped_workflows` rewrites workflows/.
+
+Each description becomes a UI-format JSON file through workflow_builder against a live server's
+/object_info (started here with the pack loaded), so the files match the real node schemas. Settings come
+from bench/ measurements; the note in each file names the model files, their folders and the card tier.
+"""
+from __future__ import annotations
+
+import json
+import sys
+import tempfile
+from pathlib import Path
+
+from .paths import REPO_ROOT
+from .server import ComfyServer, ServerConfig
+from .workflow_builder import GraphSpec, NodeSpec, build_ui
+
+HF = "https://huggingface.co"
+SDXL_CKPT = {"name": "sd_xl_base_1.0.safetensors", "directory": "checkpoints",
+             "url": f"{HF}/stabilityai/stable-diffusion-xl-base-1.0/resolve/main/sd_xl_base_1.0.safetensors"}
+
+POSITIVE = "a lighthouse on a cliff at dusk, volumetric light, detailed, 35mm photo"
+NEGATIVE = "blurry, low quality, watermark"
+
+
+def sdxl_24gb() -> GraphSpec:
+    note = ("## SDXL on a 24 GB card\n\nModel: `sd_xl_base_1.0.safetensors` (6.9 GB) in `models/checkpoints/`.\n\n"
+            "SDXL's UNet (5.1 GB fp16), both CLIPs and the VAE fit a 24 GB card resident, so this graph uses "
+            "ComfyUI's own nodes only; the 12 and 16 GB variants use the LowVRAM Kit nodes.\n\n"
+            "1024x1024, 25 steps, euler, CFG 6.")
+    return GraphSpec(nodes=[
+        NodeSpec(1, "CheckpointLoaderSimple", {"ckpt_name": SDXL_CKPT["name"]}, properties={"models": [SDXL_CKPT]}),
+        NodeSpec(2, "CLIPTextEncode", {"text": POSITIVE}, links={"clip": (1, 1)}, title="Positive", size=(400, 160)),
+        NodeSpec(3, "CLIPTextEncode", {"text": NEGATIVE}, links={"clip": (1, 1)}, title="Negative", size=(400, 160)),
+        NodeSpec(4, "EmptyLatentImage", {"width": 1024, "height": 1024, "batch_size": 1}),
+        NodeSpec(5, "KSampler", {"seed": 42, "steps": 25, "cfg": 6.0, "sampler_name": "euler", "scheduler": "normal",
+                                 "denoise": 1.0},
+                 links={"model": (1, 0), "positive": (2, 0), "negative": (3, 0), "latent_image": (4, 0)}),
+        NodeSpec(6, "VAEDecode", links={"samples": (5, 0), "vae": (1, 2)}),
+        NodeSpec(7, "SaveImage", {"filename_prefix": "lowvram_sdxl"}, links={"images": (6, 0)}),
+    ], notes=[("Read me", note, (40, 700))])
+
+
+WORKFLOWS = {"sdxl_24gb": sdxl_24gb}
+
+
+def main() -> int:
+    with tempfile.TemporaryDirectory() as base, ComfyServer(ServerConfig(base_dir=Path(base))) as server:
+        info = server.object_info()
+    for name, make in WORKFLOWS.items():
+        path = REPO_ROOT / "workflows" / f"{name}.json"
+        path.write_text(json.dumps(build_ui(make(), info), indent=1) + "\n")
+        print(f"wrote {path.relative_to(REPO_ROOT)}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
