@@ -1,11 +1,44 @@
 """LowVRAM Kit: run big diffusion transformers on small GPUs inside ComfyUI.
 
-ComfyUI imports this file from custom_nodes/<folder>/. The mappings below are literal so that
+ComfyUI imports this file from custom_nodes/<folder>/. The mappings below are literal dicts so that
 ComfyUI-Manager's scanner can read the node ids without importing the pack. A node is listed here only
-once it does its whole job; each lives in nodes/ and imports its heavy or optional dependencies lazily,
-so one missing optional package never stops the pack from loading.
+once it does its whole job. Each is imported through `_node`, so a node whose module fails to import
+(a broken optional dependency) is logged and replaced by a stand-in that explains the error when run:
+the rest of the pack still loads.
 """
-NODE_CLASS_MAPPINGS = {}
-NODE_DISPLAY_NAME_MAPPINGS = {}
+import importlib
+import logging
+
+_log = logging.getLogger("lowvram")
+
+
+def _node(module: str, name: str):
+    try:
+        return getattr(importlib.import_module(f".nodes.{module}", __name__), name)
+    except Exception as e:  # noqa: BLE001  (any import-time failure must not take the pack down)
+        _log.exception("LowVRAM Kit: node %s could not be imported", name)
+        message = f"LowVRAM Kit could not import {name}: {type(e).__name__}: {e}. See the server log."
+
+        class Unavailable:
+            CATEGORY = "lowvram/unavailable"
+            DESCRIPTION = message
+            RETURN_TYPES = ()
+            FUNCTION = "fail"
+
+            @classmethod
+            def INPUT_TYPES(cls):
+                return {"required": {}}
+
+            def fail(self):
+                raise RuntimeError(message)
+        return Unavailable
+
+
+NODE_CLASS_MAPPINGS = {
+    "Float8DiTLoader": _node("float8_dit_loader", "Float8DiTLoader"),
+}
+NODE_DISPLAY_NAME_MAPPINGS = {
+    "Float8DiTLoader": "Float8 DiT Loader (LowVRAM)",
+}
 
 __all__ = ["NODE_CLASS_MAPPINGS", "NODE_DISPLAY_NAME_MAPPINGS"]

@@ -23,7 +23,7 @@ from .paths import REPO_ROOT, ComfyNotFoundError, comfy_version, find_comfyui
 from .progress import ProgressListener
 from .synthetic.cache import default_models_dir
 from .server import MODEL_FOLDERS, ComfyServer, ServerConfig, ServerError, port_in_use
-from .workflow_api import WorkflowError, ui_to_api
+from .workflow_api import TEST_NODES_DIR, WorkflowError, ui_to_api, use_tiny_text_encoders
 
 WORKFLOWS_DIR = REPO_ROOT / "workflows"
 DEFAULT_WORKFLOW = "sdxl_24gb"
@@ -102,8 +102,10 @@ def run(args: argparse.Namespace) -> dict:
     report = {"workflow": args.workflow, "comfyui": comfy_version(comfy), "device": "cuda" if on_gpu else "cpu"}
     models_dir = Path(args.models).resolve() if args.models else default_models_dir(size)
     models_dir.mkdir(parents=True, exist_ok=True)
+    tiny = size == "tiny" and not args.models
     config = ServerConfig(base_dir=base, models_dirs=(models_dir,), cpu=not on_gpu, port=args.port or 0,
-                          front_end_root=Path(args.front_end_root) if args.front_end_root else None)
+                          front_end_root=Path(args.front_end_root) if args.front_end_root else None,
+                          extra_node_dirs=(REPO_ROOT / TEST_NODES_DIR,) if tiny else ())
     server = ComfyServer(config)
     t_start = time.monotonic()
     try:
@@ -116,6 +118,8 @@ def run(args: argparse.Namespace) -> dict:
             else:  # ComfyUI re-lists a model folder when it changes, so files made now are seen
                 ensure_synthetic(files, size, "cuda" if on_gpu else "cpu")
                 report["synthetic_size"] = size
+            if tiny:  # tiny text encoders need a loader that passes their shrunken config
+                report["tiny_text_encoder_loaders"] = use_tiny_text_encoders(api)
             overrides = dict(CPU_DEFAULTS) if (not on_gpu and size == "tiny") else {}
             overrides.update({k: v for k, v in (("width", args.width), ("height", args.height),
                                                 ("steps", args.steps)) if v})

@@ -47,6 +47,7 @@ class ServerConfig:
     python: str = sys.executable
     comfy_path: Path | None = None
     front_end_root: Path | None = None  # the GPU machine has no frontend package: pass a folder
+    extra_node_dirs: tuple[Path, ...] = ()  # more custom-node folders to link in (test-only nodes)
     startup_timeout_s: float = 240.0
     env: dict = field(default_factory=dict)
 
@@ -97,12 +98,14 @@ class ComfyServer:
     def _prepare_base_dir(self) -> None:
         for sub in ("custom_nodes", "user", "input", "output", "temp"):
             (self.base_dir / sub).mkdir(parents=True, exist_ok=True)
-        link = self.base_dir / "custom_nodes" / PACK_FOLDER_NAME
-        if link.is_symlink() or link.exists():
-            if link.resolve() != REPO_ROOT:
-                raise ServerError(f"{link} exists and is not a link to {REPO_ROOT}; remove it or use another base dir")
-        else:
-            link.symlink_to(REPO_ROOT, target_is_directory=True)
+        targets = {PACK_FOLDER_NAME: REPO_ROOT, **{Path(d).name: Path(d).resolve() for d in self.config.extra_node_dirs}}
+        for name, target in targets.items():
+            link = self.base_dir / "custom_nodes" / name
+            if link.is_symlink() or link.exists():
+                if link.resolve() != target:
+                    raise ServerError(f"{link} exists and is not a link to {target}; remove it or use another base dir")
+            else:
+                link.symlink_to(target, target_is_directory=True)
 
     def command(self) -> list[str]:
         cfg = self.config

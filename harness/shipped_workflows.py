@@ -19,6 +19,15 @@ HF = "https://huggingface.co"
 SDXL_CKPT = {"name": "sd_xl_base_1.0.safetensors", "directory": "checkpoints",
              "url": f"{HF}/stabilityai/stable-diffusion-xl-base-1.0/resolve/main/sd_xl_base_1.0.safetensors"}
 
+FLUX_DEV = {"name": "flux1-dev.safetensors", "directory": "diffusion_models",
+            "url": f"{HF}/black-forest-labs/FLUX.1-dev/resolve/main/flux1-dev.safetensors"}
+CLIP_L = {"name": "clip_l.safetensors", "directory": "text_encoders",
+          "url": f"{HF}/comfyanonymous/flux_text_encoders/resolve/main/clip_l.safetensors"}
+T5XXL = {"name": "t5xxl_fp16.safetensors", "directory": "text_encoders",
+         "url": f"{HF}/comfyanonymous/flux_text_encoders/resolve/main/t5xxl_fp16.safetensors"}
+FLUX_AE = {"name": "ae.safetensors", "directory": "vae",
+           "url": f"{HF}/Comfy-Org/Lumina_Image_2.0_Repackaged/resolve/main/split_files/vae/ae.safetensors"}
+
 POSITIVE = "a lighthouse on a cliff at dusk, volumetric light, detailed, 35mm photo"
 NEGATIVE = "blurry, low quality, watermark"
 
@@ -41,7 +50,33 @@ def sdxl_24gb() -> GraphSpec:
     ], notes=[("Read me", note, (40, 700))])
 
 
-WORKFLOWS = {"sdxl_24gb": sdxl_24gb}
+def flux_dev_24gb() -> GraphSpec:
+    note = ("## Flux.1-dev on a 24 GB card\n\nModels: `flux1-dev.safetensors` (23.8 GB, bf16) in "
+            "`models/diffusion_models/`; `clip_l.safetensors` and `t5xxl_fp16.safetensors` in "
+            "`models/text_encoders/`; `ae.safetensors` in `models/vae/`.\n\n"
+            "Float8DiTLoader quantizes the bf16 file to fp8 with per-channel scales while it loads (11.1 GiB "
+            "resident) and computes with fp8 matmul on RTX 40xx / H100 and newer; the whole model stays on a "
+            "24 GB card. Tick save_quantized_copy once to write an fp8 copy that loads faster.\n\n"
+            "1024x1024, 20 steps, euler/simple, guidance 3.5.")
+    return GraphSpec(nodes=[
+        NodeSpec(1, "Float8DiTLoader", {"model_name": FLUX_DEV["name"]}, properties={"models": [FLUX_DEV]},
+                 size=(340, 200)),
+        NodeSpec(2, "DualCLIPLoader", {"clip_name1": CLIP_L["name"], "clip_name2": T5XXL["name"], "type": "flux"},
+                 properties={"models": [CLIP_L, T5XXL]}),
+        NodeSpec(3, "CLIPTextEncode", {"text": POSITIVE}, links={"clip": (2, 0)}, title="Prompt", size=(400, 160)),
+        NodeSpec(4, "FluxGuidance", {"guidance": 3.5}, links={"conditioning": (3, 0)}),
+        NodeSpec(5, "ConditioningZeroOut", links={"conditioning": (3, 0)}, title="Negative (unused at CFG 1)"),
+        NodeSpec(6, "EmptySD3LatentImage", {"width": 1024, "height": 1024, "batch_size": 1}),
+        NodeSpec(7, "KSampler", {"seed": 42, "steps": 20, "cfg": 1.0, "sampler_name": "euler", "scheduler": "simple",
+                                 "denoise": 1.0},
+                 links={"model": (1, 0), "positive": (4, 0), "negative": (5, 0), "latent_image": (6, 0)}),
+        NodeSpec(8, "VAELoader", {"vae_name": FLUX_AE["name"]}, properties={"models": [FLUX_AE]}),
+        NodeSpec(9, "VAEDecode", links={"samples": (7, 0), "vae": (8, 0)}),
+        NodeSpec(10, "SaveImage", {"filename_prefix": "lowvram_flux"}, links={"images": (9, 0)}),
+    ], notes=[("Read me", note, (40, 760))])
+
+
+WORKFLOWS = {"sdxl_24gb": sdxl_24gb, "flux_dev_24gb": flux_dev_24gb}
 
 
 def main() -> int:

@@ -103,3 +103,28 @@ def ui_to_api(ui: dict, object_info: dict) -> dict:
                                 f"{', '.join(absent)}; connect them in the workflow")
         api[node_id] = {"class_type": node["type"], "inputs": inputs, "_meta": {"title": node.get("title", node["type"])}}
     return api
+
+
+# Core text-encoder loaders and how their inputs map onto the test-only TinyTextEncoderLoader.
+TINY_TE_SWAPS = {
+    "CLIPLoader": {"clip_name": "clip_name1", "type": "type"},
+    "DualCLIPLoader": {"clip_name1": "clip_name1", "clip_name2": "clip_name2", "type": "type"},
+}
+TEST_NODES_DIR = "tests/comfy_nodes/lowvram_test_nodes"
+
+
+def use_tiny_text_encoders(api: dict) -> list[str]:
+    """Swap core text-encoder loaders for TinyTextEncoderLoader (in place); returns the node ids swapped.
+
+    Tiny synthetic text encoders record a shrunken config that only a loader passing `model_options`
+    can build; ComfyUI's own loaders always build the full-size model.
+    """
+    swapped = []
+    for node_id, node in api.items():
+        mapping = TINY_TE_SWAPS.get(node["class_type"])
+        if mapping is None:
+            continue
+        node["class_type"] = "TinyTextEncoderLoader"
+        node["inputs"] = {new: node["inputs"][old] for old, new in mapping.items() if old in node["inputs"]}
+        swapped.append(node_id)
+    return swapped

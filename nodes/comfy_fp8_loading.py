@@ -1,0 +1,89 @@
+"""ComfyUI adapter: load a diffusion model file as fp8 through ComfyUI's own loader.
+
+file -> header (family, prefix) -> quant.quantize_file (tensor by tensor from the memory map) ->
+comfy.sd.load_diffusion_model_state_dict(custom_operations=fp8 ops) -> ModelPatcher.
+The fp8 tensors are handed to the model without a copy, so host RAM holds one fp8 model.
+"""
+from __future__ import annotations
+
+import logging
+import os
+import time
+from dataclasses import dataclass
+from types import SimpleNamespace
+
+import torch
+
+import comfy.model_management
+import comfy.sd
+
+from ..quant import QuantConfig, quantize_file, resolve_compute, save_quantized, source_fingerprint
+from ..quant.layouts import read_header
+from ..quant.safetensors_io import open_safetensors
+from .comfy_fp8_ops import make_fp8_ops
+from .model_families import Family, detect_family, keep_filter, parse_layer_patterns
+
+log = logging.getLogger("lowvram")
+CHECKPOINT_PREFIX = "model.diffusion_model."
+# Dtype of the layers that stay in high precision, per family (what the families were trained in).
+HIGH_PRECISION_DTYPE = {"sdxl": torch.float16}
+
+
+@dataclass(frozen=True)
+class Fp8LoadConfig:
+    quant: QuantConfig
+    high_precision_layers: str = "auto"
+    save_copy_to: str | None = None  # path of the quantized copy to write, or None
+
+
+@dataclass(frozen=True)
+class Fp8LoadReport:
+    family: str
+    layout: str
+    compute: str
+    quantized_layers: int
+    fp8_source_layers: int
+    kept_layers: int
+    seconds: float
+    saved_copy: str | None
+
+    def text(self) -> str:
+        return (f"{self.family}: {self.quantized_layers} layers quantized, {self.fp8_source_layers} fp8 from the "
+                f"file, {self.kept_layers} kept in high precision; compute {self.compute}; "
+                f"source layout {self.layout}; {self.seconds:.1f} s"
+                + (f"; saved {self.saved_copy}" if self.saved_copy else ""))
+
+
+def inspect_file(path: str) -> tuple[Family, str]:
+    """(family, prefix) of a model file from its header alone."""
+    with open_safetensors(path) as f:
+        keys = list(f.keys())
+        prefix = CHECKPOINT_PREFIX if any(k.startswith(CHECKPOINT_PREFIX) for k in keys) else ""
+        header = read_header(f, path, prefix)
+    shapes = {k: SimpleNamespace(shape=s) for k, s in header.shapes.items()}
+    return detect_family(shapes), prefix
+
+
+def load_fp8_model(path: str, cfg: Fp8LoadConfig):
+    """Return (ModelPatcher, Fp8LoadReport). Raises quant.QuantFileError / ValueError with clear text."""
+    t0 = time.perf_counter()
+    family, prefix = inspect_file(path)
+    patterns = parse_layer_patterns(cfg.high_precision_layers, family)
+    qf = quantize_file(path, cfg.quant, keep_filter(patterns), prefix=prefix)
+    quant_cfg = qf.file_config or cfg.quant
+    saved = None
+    if cfg.save_copy_to and qf.layout != "lowvram":
+        save_quantized(qf.state_dict, cfg.save_copy_to, quant_cfg, source_fingerprint(path))
+        saved = cfg.save_copy_to
+    device = comfy.model_management.get_torch_device()
+    compute = resolve_compute(quant_cfg.compute, device)
+    ops = make_fp8_ops(compute, quant_cfg.act_scaling)
+    options = {"custom_operations": ops, "dtype": HIGH_PRECISION_DTYPE.get(family.name, torch.bfloat16)}
+    counts = (len(qf.quantized), len(qf.fp8_source), len(qf.kept))
+    model = comfy.sd.load_diffusion_model_state_dict(qf.state_dict, model_options=options)
+    if model is None:
+        raise ValueError(f"ComfyUI could not build a model from {os.path.basename(path)} (family {family.name}); "
+                         "the file's keys did not match any model ComfyUI knows")
+    report = Fp8LoadReport(family.name, qf.layout, compute, *counts, time.perf_counter() - t0, saved)
+    log.info("LowVRAM Kit Float8DiTLoader: %s", report.text())
+    return model, report

@@ -1,0 +1,70 @@
+"""Float8DiTLoader: a diffusion model with fp8 weights and per-channel scales, fp8 matmul where the GPU has it."""
+from __future__ import annotations
+
+import os
+
+import folder_paths
+
+from ..quant import FP8_FORMATS, GRANULARITIES, QuantConfig
+from .comfy_fp8_loading import Fp8LoadConfig, load_fp8_model
+
+CKPT_TAG = "checkpoints/"  # entries from models/checkpoints: their diffusion model is taken
+# Widget value -> quant.QuantConfig.compute
+COMPUTE_CHOICES = {"auto": "auto", "fp8_matmul": "fp8", "bf16_dequant": "dequant"}
+
+
+def model_choices() -> list[str]:
+    return (folder_paths.get_filename_list("diffusion_models")
+            + [CKPT_TAG + n for n in folder_paths.get_filename_list("checkpoints")])
+
+
+def resolve_path(name: str) -> str:
+    if name.startswith(CKPT_TAG):
+        return folder_paths.get_full_path_or_raise("checkpoints", name[len(CKPT_TAG):])
+    return folder_paths.get_full_path_or_raise("diffusion_models", name)
+
+
+def quantized_copy_path(src: str, cfg: QuantConfig) -> str:
+    stem = os.path.splitext(os.path.basename(src))[0]
+    folder = folder_paths.get_folder_paths("diffusion_models")[0]
+    return os.path.join(folder, f"{stem}.lowvram-{cfg.fmt}-{cfg.granularity}.safetensors")
+
+
+class Float8DiTLoader:
+    DESCRIPTION = ("Loads a diffusion model (Flux, Next-DiT: Lumina-2/NewBie/Z-Image, SDXL) with fp8 weights and "
+                   "per-channel scales, quantizing a bf16/fp16 file tensor by tensor as it streams from disk. "
+                   "Computes with fp8 matmul on GPUs that have it (RTX 40xx, H100 and newer), in bf16 elsewhere. "
+                   "Also reads ComfyUI's scaled-fp8 files, plain fp8 files and its own saved copies.")
+    CATEGORY = "lowvram/loaders"
+    FUNCTION = "load"
+    RETURN_TYPES = ("MODEL",)
+    OUTPUT_TOOLTIPS = ("The diffusion model, usable like any ComfyUI model (samplers, LoRA, offloading).",)
+
+    @classmethod
+    def INPUT_TYPES(cls):
+        return {"required": {
+            "model_name": (model_choices(), {"tooltip": "A file from models/diffusion_models, or an all-in-one "
+                                             "checkpoint from models/checkpoints (its diffusion model is used)."}),
+            "fp8_format": (list(FP8_FORMATS), {"default": "e4m3fn", "tooltip": "e4m3fn: more precision (default). "
+                                               "e5m2: more range, less precision."}),
+            "scale_granularity": (list(GRANULARITIES), {"default": "per_channel", "tooltip": "per_channel: one "
+                                  "scale per output channel (most accurate). per_tensor: one per layer. none: "
+                                  "plain cast, like ComfyUI's fp8 weight dtype."}),
+            "compute": (list(COMPUTE_CHOICES), {"default": "auto", "tooltip": "auto: fp8 matmul where the GPU has "
+                        "fp8 units, else bf16. bf16_dequant: always upcast the weight for each matmul."}),
+            "high_precision_layers": ("STRING", {"default": "auto", "tooltip": "Layers kept in bf16: 'auto' (the "
+                                      "family's embedders, norms, final layer...), or comma-separated regular "
+                                      "expressions of layer names; 'auto, <regex>' adds to the default."}),
+            "save_quantized_copy": ("BOOLEAN", {"default": False, "tooltip": "Also write the fp8 model next to "
+                                    "your diffusion models, for faster loads next time (pick that file then)."}),
+        }}
+
+    def load(self, model_name, fp8_format, scale_granularity, compute, high_precision_layers, save_quantized_copy):
+        if compute not in COMPUTE_CHOICES:
+            raise ValueError(f"compute={compute!r} is not one of {', '.join(COMPUTE_CHOICES)}")
+        qcfg = QuantConfig(fmt=fp8_format, granularity=scale_granularity, compute=COMPUTE_CHOICES[compute])
+        path = resolve_path(model_name)
+        cfg = Fp8LoadConfig(qcfg, high_precision_layers,
+                            quantized_copy_path(path, qcfg) if save_quantized_copy else None)
+        model, _report = load_fp8_model(path, cfg)
+        return (model,)
