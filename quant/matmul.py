@@ -1,0 +1,223 @@
+"""y = x @ (w_fp8 * scale).T + bias, by fp8 tensor cores (`torch._scaled_mm`) or by bf16 dequant.
+
+Nothing here touches CUDA at import; the capability check runs on first use and is cached.
+"""
+
+from __future__ import annotations
+
+import functools
+import logging
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+from .formats import ACT_SCALINGS, COMPUTE_MODES, FP8_FORMATS
+
+log = logging.getLogger("lowvram")
+
+_E4M3 = FP8_FORMATS["e4m3fn"]
+_TINY = torch.finfo(torch.float32).tiny
+# Output dtypes the row-wise kernels produce; other requests compute in bf16 and cast at the end.
+_GEMM_OUT_DTYPES = (torch.bfloat16, torch.float16, torch.float32)
+_FLOAT_DTYPES = (torch.bfloat16, torch.float16, torch.float32)
+
+
+# ---------------------------------------------------------------------------------------------
+# Capability and mode choice
+# ---------------------------------------------------------------------------------------------
+
+@functools.lru_cache(maxsize=None)
+def _cuda_capability(index: int) -> tuple[int, int]:
+    return torch.cuda.get_device_capability(index)
+
+
+def fp8_matmul_supported(device: torch.device | str) -> bool:
+    """True on CUDA GPUs with fp8 tensor cores: compute capability >= 8.9 (Ada RTX 40xx, Hopper, Blackwell).
+
+    ROCm is left out on purpose: MI300 uses the fnuz fp8 variants, which our files do not store.
+    >>> fp8_matmul_supported("cpu")
+    False
+    """
+    device = torch.device(device)
+    if device.type != "cuda" or torch.version.hip or not hasattr(torch, "_scaled_mm"):
+        return False
+    if not torch.cuda.is_available():
+        return False
+    index = device.index if device.index is not None else torch.cuda.current_device()
+    return _cuda_capability(index) >= (8, 9)
+
+
+class _Once:
+    """A flag that is true exactly once per process: the fallback warning is said once, not per layer."""
+
+    def __init__(self) -> None:
+        self.done = False
+
+    def first(self) -> bool:
+        first, self.done = not self.done, True
+        return first
+
+
+_fallback_warning = _Once()
+
+
+def resolve_compute(mode: str, device: torch.device | str) -> str:
+    """"fp8" or "dequant" for a requested compute mode on `device`.
+
+    "auto" picks fp8 where the device has fp8 units. A GPU without them (or an explicit "fp8" request
+    that cannot be met) falls back to dequant with one warning under the "lowvram" logger.
+    >>> resolve_compute("auto", "cpu"), resolve_compute("dequant", "cuda")
+    ('dequant', 'dequant')
+    """
+    if mode not in COMPUTE_MODES:
+        raise ValueError(f"compute mode {mode!r} is not allowed; choose one of: {', '.join(COMPUTE_MODES)}")
+    if mode == "dequant":
+        return "dequant"
+    device = torch.device(device)
+    if fp8_matmul_supported(device):
+        return "fp8"
+    if (mode == "fp8" or device.type == "cuda") and _fallback_warning.first():
+        log.warning(
+            "LowVRAM Kit: %s has no fp8 matmul units (they need an NVIDIA GPU of compute capability 8.9+, "
+            "e.g. RTX 40xx or H100); fp8 weights are dequantized to bf16 for each matmul instead: same "
+            "VRAM for weights, somewhat slower.",
+            device,
+        )
+    return "dequant"
+
+
+# ---------------------------------------------------------------------------------------------
+# The two compute paths
+# ---------------------------------------------------------------------------------------------
+
+def _out_dtype(x: torch.Tensor, out_dtype: torch.dtype | None) -> torch.dtype:
+    if out_dtype is not None:
+        return out_dtype
+    return x.dtype if x.dtype in _FLOAT_DTYPES else torch.bfloat16
+
+
+def linear_dequant(
+    x: torch.Tensor, w_fp8: torch.Tensor, w_scale: torch.Tensor, bias: torch.Tensor | None, out_dtype: torch.dtype
+) -> torch.Tensor:
+    """F.linear in `out_dtype` with the weight dequantized just for this call ([out, in] temporary)."""
+    w = w_fp8.to(out_dtype)
+    scale = w_scale.to(device=w.device, dtype=out_dtype)
+    w.mul_(scale if scale.ndim == 0 else scale.reshape(-1, 1))
+    b = bias.to(out_dtype) if bias is not None else None
+    return F.linear(x.to(out_dtype), w, b)
+
+
+def quantize_activation(x2d: torch.Tensor, act_scaling: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """(a [M, K] e4m3fn row-major, scale fp32 [M, 1] per token or [] per tensor), x2d ~= a * scale."""
+    if act_scaling == "per_token":
+        amax = x2d.abs().amax(dim=1, keepdim=True).float()
+    elif act_scaling == "per_tensor":
+        amax = x2d.abs().amax().float()
+    else:
+        raise ValueError(f"act_scaling {act_scaling!r} is not allowed; choose one of: {', '.join(ACT_SCALINGS)}")
+    scale = (amax / _E4M3.max_finite).clamp(min=_TINY)
+    a = (x2d.float() / scale).clamp_(-_E4M3.max_finite, _E4M3.max_finite).to(_E4M3.dtype)
+    return a.contiguous(), scale
+
+
+def scaled_mm_unsupported_reason(x: torch.Tensor, w_fp8: torch.Tensor, w_scale: torch.Tensor, act_scaling: str) -> str | None:
+    """Why `torch._scaled_mm` cannot take this call (None if it can). Rules from torch's checks:
+    K and N divisible by 16 (M is free); B column-major, i.e. the weight [N, K] contiguous so that
+    w.t() is a view; scales of both operands tensor-wise or both row-wise; no e5m2 x e5m2; and (kept
+    conservative) row-wise scaling only with e4m3fn weights, as the CUTLASS row-wise kernel wants.
+    """
+    n, k = w_fp8.shape
+    rowwise = w_scale.numel() > 1 or act_scaling == "per_token"
+    checks = (
+        (w_fp8.dtype not in (f.dtype for f in FP8_FORMATS.values()), f"weight dtype {w_fp8.dtype} is not fp8"),
+        (x.dtype not in _FLOAT_DTYPES, f"input dtype {x.dtype} is not bf16/fp16/fp32"),
+        (k % 16 != 0 or n % 16 != 0, f"weight shape [{n}, {k}] is not divisible by 16"),
+        (not w_fp8.is_contiguous(), "weight is not contiguous (B must be column-major)"),
+        (w_scale.numel() not in (1, n), f"weight scale has {w_scale.numel()} elements, not 1 or {n}"),
+        (rowwise and w_fp8.dtype != _E4M3.dtype, "row-wise scaling needs e4m3fn weights"),
+    )
+    return next((reason for failed, reason in checks if failed), None)
+
+
+@dataclass(frozen=True)
+class ScaledMMArgs:
+    """The arguments of one `torch._scaled_mm` call, built and checked on any device."""
+
+    a: torch.Tensor  # [M, K] e4m3fn, row-major
+    b: torch.Tensor  # [K, N] fp8, column-major (a transposed view of the weight [N, K])
+    scale_a: torch.Tensor  # fp32: [M, 1] row-wise or [] tensor-wise
+    scale_b: torch.Tensor  # fp32: [1, N] row-wise or [] tensor-wise
+    bias: torch.Tensor | None  # [N] in out_dtype (bf16/fp16), added by the GEMM epilogue
+    out_dtype: torch.dtype
+    use_fast_accum: bool
+
+
+def prepare_scaled_mm(
+    x2d: torch.Tensor, w_fp8: torch.Tensor, w_scale: torch.Tensor, bias: torch.Tensor | None,
+    out_dtype: torch.dtype, act_scaling: str, fast_accum: bool = False,
+) -> ScaledMMArgs:
+    """Quantize the activation and lay out the operands the way `torch._scaled_mm` requires."""
+    m, n = x2d.shape[0], w_fp8.shape[0]
+    a, scale_a = quantize_activation(x2d, act_scaling)
+    w_scale = w_scale.to(device=x2d.device, dtype=torch.float32)
+    if w_scale.numel() == 1 and scale_a.numel() == 1 and act_scaling == "per_tensor":
+        # Tensor-wise x tensor-wise: cuBLAS, any of bf16/fp16/fp32 out.
+        scale_a, scale_b = scale_a.reshape(()), w_scale.reshape(())
+        gemm_dtype = out_dtype if out_dtype in _GEMM_OUT_DTYPES else torch.bfloat16
+    else:
+        # Row-wise x row-wise (torch takes no mixed pair): a per-tensor side is broadcast to a row.
+        scale_a = scale_a.reshape(-1, 1).expand(m, 1).contiguous()
+        scale_b = w_scale.reshape(1, -1).expand(1, n).contiguous()
+        gemm_dtype = torch.bfloat16  # the one output dtype every row-wise backend accepts
+    gemm_bias = bias.to(gemm_dtype) if bias is not None and gemm_dtype != torch.float32 else None
+    return ScaledMMArgs(a, w_fp8.t(), scale_a, scale_b, gemm_bias, gemm_dtype, fast_accum)
+
+
+def run_scaled_mm(args: ScaledMMArgs) -> torch.Tensor:
+    """The one call into the fp8 GEMM: out [M, N] = (a * scale_a) @ (b * scale_b) + bias."""
+    return torch._scaled_mm(
+        args.a, args.b, scale_a=args.scale_a, scale_b=args.scale_b, bias=args.bias,
+        out_dtype=args.out_dtype, use_fast_accum=args.use_fast_accum,
+    )
+
+
+def linear_fp8(
+    x: torch.Tensor, w_fp8: torch.Tensor, w_scale: torch.Tensor, bias: torch.Tensor | None,
+    out_dtype: torch.dtype, act_scaling: str = "per_token", fast_accum: bool = False,
+) -> torch.Tensor:
+    """fp8 GEMM for x [..., K]; a call the GEMM cannot take falls back to dequant (logged at debug)."""
+    reason = scaled_mm_unsupported_reason(x, w_fp8, w_scale, act_scaling)
+    if reason is not None:
+        log.debug("fp8 matmul not usable for this call (%s); dequantizing", reason)
+        return linear_dequant(x, w_fp8, w_scale, bias, out_dtype)
+    x2d = x.reshape(-1, x.shape[-1])
+    args = prepare_scaled_mm(x2d, w_fp8, w_scale, bias, out_dtype, act_scaling, fast_accum)
+    out = run_scaled_mm(args)
+    if bias is not None and args.bias is None:
+        out = out + bias.to(out.dtype)
+    return out.reshape(*x.shape[:-1], w_fp8.shape[0]).to(out_dtype)
+
+
+_PATHS: dict[str, Callable[..., torch.Tensor]] = {"fp8": linear_fp8, "dequant": linear_dequant}
+
+
+def fp8_linear(
+    x: torch.Tensor, w_fp8: torch.Tensor, w_scale: torch.Tensor, bias: torch.Tensor | None = None,
+    out_dtype: torch.dtype | None = None, mode: str = "dequant", act_scaling: str = "per_token",
+) -> torch.Tensor:
+    """x [..., in] -> [..., out] with an fp8 weight [out, in] and its scale ([out] or []).
+
+    mode "fp8" runs `torch._scaled_mm` (resolve_compute() says when the device can); "dequant" runs
+    F.linear on the weight cast to `out_dtype` (default: x's dtype, bf16 for other inputs).
+    >>> w = torch.tensor([[1.0, 2.0], [4.0, 8.0]]).to(torch.float8_e4m3fn)
+    >>> fp8_linear(torch.ones(1, 2), w, torch.tensor([0.5, 0.25]))
+    tensor([[1.5000, 3.0000]])
+    """
+    if mode not in _PATHS:
+        raise ValueError(f"fp8_linear mode {mode!r} is not allowed; choose one of: {', '.join(_PATHS)}")
+    out_dtype = _out_dtype(x, out_dtype)
+    if mode == "fp8":
+        return linear_fp8(x, w_fp8, w_scale, bias, out_dtype, act_scaling)
+    return linear_dequant(x, w_fp8, w_scale, bias, out_dtype)

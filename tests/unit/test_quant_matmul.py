@@ -1,0 +1,212 @@
+"""fp8_linear: the dequant path against float64, the `torch._scaled_mm` arguments against the rules
+torch enforces on CUDA (a strict stand-in checks them on the CPU), shape fallbacks, and the mode choice."""
+
+import logging
+import subprocess
+import sys
+
+import pytest
+import torch
+
+import quant.matmul as mm
+from quant import dequantize, fp8_linear, quantize_weight, resolve_compute
+
+E4M3, E5M2 = torch.float8_e4m3fn, torch.float8_e5m2
+
+
+def _weight(n=48, k=64, granularity="per_channel", fmt="e4m3fn", seed=0):
+    g = torch.Generator().manual_seed(seed)
+    w = torch.randn(n, k, generator=g) * torch.linspace(0.01, 1.0, n)[:, None]
+    return quantize_weight(w, fmt, granularity)
+
+
+def _reference(x, q, s, bias=None):
+    """float64 x @ dequant(w).T + bias."""
+    y = x.double() @ dequantize(q, s, torch.float64).T
+    return y + bias.double() if bias is not None else y
+
+
+def _rel(a, b):
+    return ((a.double() - b.double()).norm() / b.double().norm()).item()
+
+
+# ---------------------------------------------------------------------------------------------
+# dequant path
+# ---------------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("granularity", ["per_channel", "per_tensor", "none"])
+def test_dequant_matches_float64_within_bf16_tolerance(granularity):
+    q, s = _weight(granularity=granularity)
+    x = torch.randn(3, 5, 64).to(torch.bfloat16)
+    bias = torch.randn(48).to(torch.bfloat16)
+    y = fp8_linear(x, q, s, bias, mode="dequant")
+    assert y.dtype == torch.bfloat16 and y.shape == (3, 5, 48)
+    ref = _reference(x, q, s, bias)
+    # bf16 keeps 8 significant bits: the product, the bf16 weight and the sum each round at ~2**-9.
+    torch.testing.assert_close(y.double(), ref, rtol=2e-2, atol=2e-2 * ref.abs().max().item())
+    assert _rel(y, ref) < 1e-2
+
+
+def test_dequant_in_fp32_is_exact_to_fp32_rounding():
+    q, s = _weight()
+    x = torch.randn(7, 64)
+    y = fp8_linear(x, q, s, None, mode="dequant")
+    assert y.dtype == torch.float32
+    torch.testing.assert_close(y.double(), _reference(x, q, s), rtol=1e-5, atol=1e-5)
+
+
+def test_unknown_mode_is_refused_with_the_allowed_values():
+    q, s = _weight()
+    with pytest.raises(ValueError, match="fp8, dequant"):
+        fp8_linear(torch.randn(2, 64), q, s, mode="int8")
+
+
+# ---------------------------------------------------------------------------------------------
+# fp8 path: a stand-in for torch._scaled_mm that enforces the CUDA rules (ATen ScaledBlas.cpp)
+# ---------------------------------------------------------------------------------------------
+
+class StrictScaledMM:
+    """Checks every argument the way the CUDA kernel would, then computes the result in float64."""
+
+    def __init__(self):
+        self.calls = []
+
+    def __call__(self, a, b, scale_a, scale_b, bias=None, out_dtype=None, use_fast_accum=False, **kw):
+        m, k = a.shape
+        n = b.shape[1]
+        assert a.dtype == E4M3 and b.dtype in (E4M3, E5M2)
+        assert not (a.dtype == E5M2 and b.dtype == E5M2)
+        assert a.is_contiguous(), "mat1 must be row-major"
+        assert b.stride() == (1, k), "mat2 must be column-major"
+        assert b.shape[0] == k and k % 16 == 0 and n % 16 == 0
+        assert scale_a.dtype == torch.float32 and scale_b.dtype == torch.float32
+        tensorwise = scale_a.numel() == 1 and scale_b.numel() == 1
+        rowwise = (scale_a.shape == (m, 1) and scale_a.is_contiguous()
+                   and scale_b.shape == (1, n) and scale_b.stride(1) == 1 and scale_b.t().is_contiguous())
+        assert tensorwise or rowwise, f"invalid scaling pair {scale_a.shape} x {scale_b.shape}"
+        if rowwise and not tensorwise:
+            assert out_dtype == torch.bfloat16 and b.dtype == E4M3
+        if bias is not None:
+            assert out_dtype in (torch.bfloat16, torch.float16) and bias.dtype == out_dtype and bias.numel() == n
+        self.calls.append({"m": m, "k": k, "n": n, "tensorwise": tensorwise, "bias": bias is not None,
+                           "out_dtype": out_dtype})
+        y = (a.double() * scale_a.double()) @ (b.double() * scale_b.double())
+        if bias is not None:
+            y = y + bias.double()
+        return y.to(out_dtype)
+
+
+@pytest.fixture
+def strict_mm(monkeypatch):
+    fake = StrictScaledMM()
+    monkeypatch.setattr(torch, "_scaled_mm", fake)
+    return fake
+
+
+@pytest.mark.parametrize("act_scaling", ["per_token", "per_tensor"])
+@pytest.mark.parametrize("granularity", ["per_channel", "per_tensor"])
+@pytest.mark.parametrize("lead_shape", [(1,), (4, 9)])
+def test_fp8_path_builds_valid_scaled_mm_arguments(strict_mm, act_scaling, granularity, lead_shape):
+    q, s = _weight(granularity=granularity)
+    x = torch.randn(*lead_shape, 64).to(torch.bfloat16)
+    bias = torch.randn(48).to(torch.bfloat16)
+    y = fp8_linear(x, q, s, bias, mode="fp8", act_scaling=act_scaling)
+    assert len(strict_mm.calls) == 1
+    call = strict_mm.calls[0]
+    m = 1 if lead_shape == (1,) else 36
+    assert (call["m"], call["k"], call["n"]) == (m, 64, 48)
+    assert call["tensorwise"] == (granularity == "per_tensor" and act_scaling == "per_tensor")
+    assert y.shape == (*lead_shape, 48) and y.dtype == torch.bfloat16
+    # Only the activation's e4m3 rounding separates it from the exact product (~2**-4 per value).
+    assert _rel(y, _reference(x, q, s, bias)) < 0.05
+
+
+def test_fp8_path_fp32_output_adds_bias_after_the_gemm(strict_mm):
+    # torch refuses a bias with fp32 output, so a tensor-wise fp32 GEMM gets none and the bias is added after.
+    q, s = _weight(granularity="per_tensor")
+    x, bias = torch.randn(5, 64), torch.randn(48)
+    y = fp8_linear(x, q, s, bias, out_dtype=torch.float32, mode="fp8", act_scaling="per_tensor")
+    call = strict_mm.calls[0]
+    assert call["tensorwise"] and call["out_dtype"] == torch.float32 and not call["bias"]
+    assert y.dtype == torch.float32
+    assert _rel(y, _reference(x, q, s, bias)) < 0.05
+
+
+@pytest.mark.parametrize("n,k", [(48, 72), (50, 64), (8, 64)])
+def test_shapes_fp8_gemm_cannot_take_fall_back_to_dequant(strict_mm, n, k):
+    g = torch.Generator().manual_seed(0)
+    q, s = quantize_weight(torch.randn(n, k, generator=g), "e4m3fn", "per_channel")
+    x = torch.randn(3, k)
+    y = fp8_linear(x, q, s, None, mode="fp8")
+    assert strict_mm.calls == []
+    torch.testing.assert_close(y, fp8_linear(x, q, s, None, mode="dequant"))
+
+
+def test_e5m2_weight_uses_tensorwise_gemm_or_falls_back(strict_mm):
+    q, s = _weight(fmt="e5m2", granularity="per_tensor")
+    x = torch.randn(4, 64).to(torch.bfloat16)
+    fp8_linear(x, q, s, mode="fp8", act_scaling="per_tensor")
+    assert strict_mm.calls[-1]["tensorwise"]
+    fp8_linear(x, q, s, mode="fp8", act_scaling="per_token")  # row-wise needs e4m3fn weights
+    assert len(strict_mm.calls) == 1
+
+
+def test_prepare_scaled_mm_lays_out_operands_without_copying_the_weight():
+    q, s = _weight()
+    args = mm.prepare_scaled_mm(torch.randn(6, 64), q, s, None, torch.bfloat16, "per_token")
+    assert args.b.data_ptr() == q.data_ptr() and args.b.shape == (64, 48) and args.b.stride() == (1, 64)
+    assert args.a.shape == (6, 64) and args.a.is_contiguous() and args.a.dtype == E4M3
+    assert args.scale_a.shape == (6, 1) and args.scale_b.shape == (1, 48)
+    assert args.out_dtype == torch.bfloat16
+
+
+def test_real_scaled_mm_on_this_build_agrees():
+    """torch builds with a CPU `_scaled_mm` run the same arguments for real."""
+    q, s = _weight()
+    x = torch.randn(8, 64).to(torch.bfloat16)
+    try:
+        y = fp8_linear(x, q, s, None, mode="fp8")
+    except (RuntimeError, NotImplementedError) as e:
+        pytest.skip(f"this torch build has no CPU _scaled_mm: {e}")
+    assert _rel(y, _reference(x, q, s)) < 0.05
+
+
+# ---------------------------------------------------------------------------------------------
+# capability check and mode choice
+# ---------------------------------------------------------------------------------------------
+
+def test_importing_quant_does_not_initialise_cuda():
+    code = "import torch, quant; assert not torch.cuda.is_initialized(); print('ok')"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "ok"
+
+
+@pytest.mark.parametrize("capability,expected", [((8, 6), False), ((8, 9), True), ((9, 0), True)])
+def test_fp8_supported_needs_capability_8_9(monkeypatch, capability, expected):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.version, "hip", None)
+    monkeypatch.setattr(mm, "_cuda_capability", lambda index: capability)
+    assert mm.fp8_matmul_supported("cuda:0") is expected
+    assert mm.fp8_matmul_supported("cpu") is False
+
+
+def test_gpu_without_fp8_falls_back_with_one_warning(monkeypatch, caplog):
+    monkeypatch.setattr(mm, "fp8_matmul_supported", lambda device: False)
+    monkeypatch.setattr(mm, "_fallback_warning", mm._Once())
+    with caplog.at_level(logging.WARNING, logger="lowvram"):
+        modes = [resolve_compute("auto", "cuda:0") for _ in range(3)] + [resolve_compute("fp8", "cuda:0")]
+    assert modes == ["dequant"] * 4
+    warnings = [r for r in caplog.records if r.name == "lowvram" and r.levelno == logging.WARNING]
+    assert len(warnings) == 1 and "no fp8 matmul units" in warnings[0].getMessage()
+
+
+def test_cpu_auto_is_dequant_silently_and_fp8_capable_gpu_gets_fp8(monkeypatch, caplog):
+    monkeypatch.setattr(mm, "_fallback_warning", mm._Once())
+    with caplog.at_level(logging.WARNING, logger="lowvram"):
+        assert resolve_compute("auto", "cpu") == "dequant"
+    assert caplog.records == []
+    monkeypatch.setattr(mm, "fp8_matmul_supported", lambda device: True)
+    assert resolve_compute("auto", "cuda:0") == "fp8"
+    assert resolve_compute("dequant", "cuda:0") == "dequant"
+    with pytest.raises(ValueError, match="auto, fp8, dequant"):
+        resolve_compute("fast", "cpu")
