@@ -1,0 +1,154 @@
+"""Float8DiTLoader inside ComfyUI (in-process, CPU): fidelity against ComfyUI's own fp8 options, LoRA on
+top, the saved copy, and bad files. The GPU speed criteria live in bench/."""
+import importlib
+import struct
+
+import pytest
+import torch
+from safetensors.torch import save_file
+
+pytestmark = pytest.mark.comfy
+STEPS = 3
+
+
+@pytest.fixture(scope="module")
+def pack(comfy):
+    from harness.pack_import import import_pack
+
+    import_pack()
+    return importlib.import_module("lowvram_kit.nodes.comfy_fp8_loading")
+
+
+@pytest.fixture(scope="module")
+def flux_path(tiny_model):
+    return str(tiny_model("flux-dev"))
+
+
+def denoise(model, seed=0, steps=STEPS):
+    """A few Euler steps of the flow ODE on a fixed 1x16x16x16 latent with fixed conditioning."""
+    import comfy.model_management
+
+    comfy.model_management.load_models_gpu([model])  # applies LoRA patches, as sampling does
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(1, 16, 16, 16, generator=g)
+    ctx = torch.randn(1, 8, 4096, generator=g)
+    y = torch.randn(1, 768, generator=g)
+    sigmas = torch.linspace(1.0, 0.0, steps + 1)
+    with torch.no_grad():
+        for s0, s1 in zip(sigmas[:-1], sigmas[1:]):
+            v = model.model.apply_model(x, s0.reshape(1), c_crossattn=ctx, y=y, guidance=torch.tensor([3.5])).float()
+            x = x + (s1 - s0) * v
+    return x
+
+
+def rel_l2(a, b):
+    return ((a - b).norm() / b.norm()).item()
+
+
+def load(pack, path, **kw):
+    from lowvram_kit.quant import QuantConfig
+
+    hp = kw.pop("high_precision_layers", "auto")
+    return pack.load_fp8_model(path, pack.Fp8LoadConfig(QuantConfig(**kw), hp))
+
+
+@pytest.fixture(scope="module")
+def reference(comfy, flux_path):
+    model = comfy.sd.load_diffusion_model(flux_path, model_options={"dtype": torch.bfloat16})
+    return model, denoise(model)
+
+
+def test_per_channel_fp8_is_closer_to_bf16_than_comfyui_fp8_options(comfy, pack, flux_path, reference):
+    _, ref = reference
+    ours, report = load(pack, flux_path)
+    assert report.family == "flux" and report.quantized_layers > 0 and report.compute == "dequant"
+    err_ours = rel_l2(denoise(ours), ref)
+    # ComfyUI's plain fp8 storage (UNETLoader weight_dtype fp8_e4m3fn): a cast without scales.
+    plain = comfy.sd.load_diffusion_model(flux_path, model_options={"dtype": torch.float8_e4m3fn})
+    err_plain = rel_l2(denoise(plain), ref)
+    # One scale per tensor, the granularity of ComfyUI's scaled-fp8 / --fast files.
+    per_tensor, _ = load(pack, flux_path, granularity="per_tensor")
+    err_tensor = rel_l2(denoise(per_tensor), ref)
+    print(f"rel L2 after {STEPS} steps: per-channel {err_ours:.4f}, per-tensor {err_tensor:.4f}, plain {err_plain:.4f}")
+    assert err_ours < err_tensor and err_ours < err_plain
+    assert err_ours < 0.05
+
+
+def test_layers_kept_in_high_precision_follow_the_family_table(pack, flux_path):
+    model, _ = load(pack, flux_path)
+    dm = model.model.diffusion_model
+    assert dm.double_blocks[0].img_attn.qkv.weight.dtype == torch.float8_e4m3fn
+    assert dm.double_blocks[0].img_attn.qkv.weight_scale.shape == (9216,)
+    assert dm.img_in.weight.dtype == torch.bfloat16 and dm.final_layer.linear.weight.dtype == torch.bfloat16
+    custom, _ = load(pack, flux_path, high_precision_layers=r"auto, double_blocks\.0\.img_attn\.qkv")
+    assert custom.model.diffusion_model.double_blocks[0].img_attn.qkv.weight.dtype == torch.bfloat16
+
+
+def flux_lora(path, rank=4, seed=1):
+    g = torch.Generator().manual_seed(seed)
+    sd = {}
+    for layer, (out_f, in_f) in {"double_blocks.0.img_attn.qkv": (9216, 3072), "single_blocks.0.linear2": (3072, 15360)}.items():
+        sd[f"diffusion_model.{layer}.lora_down.weight"] = (torch.randn(rank, in_f, generator=g) * 0.05).to(torch.bfloat16)
+        sd[f"diffusion_model.{layer}.lora_up.weight"] = (torch.randn(out_f, rank, generator=g) * 0.05).to(torch.bfloat16)
+    save_file(sd, path)
+    return path
+
+
+def test_lora_on_fp8_matches_lora_on_bf16(comfy, pack, flux_path, reference, tmp_path):
+    import comfy.utils
+
+    lora = comfy.utils.load_torch_file(flux_lora(str(tmp_path / "lora.safetensors")))
+    base_bf16, ref = reference
+    ours, _ = load(pack, flux_path)
+    out = denoise(ours)
+    ref_lora = denoise(comfy.sd.load_lora_for_models(base_bf16, None, lora, 1.0, 0)[0])
+    out_lora = denoise(comfy.sd.load_lora_for_models(ours, None, lora, 1.0, 0)[0])
+    delta_ref, delta_ours = ref_lora - ref, out_lora - out
+    assert delta_ref.norm() / ref.norm() > 0.05, "the LoRA should change the output"
+    # The LoRA's effect on the fp8 model reproduces its effect on the bf16 model ...
+    assert rel_l2(delta_ours, delta_ref) < 0.25
+    # ... and fp8 + LoRA stays as close to bf16 + LoRA as fp8 alone is to bf16.
+    assert rel_l2(out_lora, ref_lora) < 1.5 * rel_l2(out, ref) + 0.005
+
+
+def test_saved_copy_reloads_identically(pack, flux_path, tmp_path):
+    from lowvram_kit.quant import QuantConfig
+
+    copy = str(tmp_path / "flux.lowvram.safetensors")
+    first, report = pack.load_fp8_model(flux_path, pack.Fp8LoadConfig(QuantConfig(), save_copy_to=copy))
+    assert report.saved_copy == copy
+    again, report2 = pack.load_fp8_model(copy, pack.Fp8LoadConfig(QuantConfig()))
+    assert report2.layout == "lowvram" and report2.quantized_layers == 0 and report2.fp8_source_layers > 0
+    a = first.model.diffusion_model.single_blocks[0].linear1
+    b = again.model.diffusion_model.single_blocks[0].linear1
+    assert torch.equal(a.weight.view(torch.uint8), b.weight.view(torch.uint8))
+    assert torch.equal(a.weight_scale, b.weight_scale)
+
+
+def test_a_text_encoder_file_is_refused_naming_what_was_looked_for(pack, tiny_model):
+    with pytest.raises(ValueError, match="not a diffusion model .*double_blocks"):
+        load(pack, str(tiny_model("clip-l")))
+
+
+def test_truncated_file_is_refused(pack, flux_path, tmp_path):
+    from lowvram_kit.quant import QuantFileError
+
+    bad = tmp_path / "truncated.safetensors"
+    with open(flux_path, "rb") as src:
+        header_len = struct.unpack("<Q", src.read(8))[0]
+        src.seek(0)
+        bad.write_bytes(src.read(8 + header_len + 1000))
+    with pytest.raises(QuantFileError, match="truncated"):
+        load(pack, str(bad))
+
+
+def test_nan_layer_is_named(pack, tmp_path):
+    from lowvram_kit.quant import NonFiniteWeightError
+
+    sd = {"double_blocks.0.img_attn.norm.key_norm.scale": torch.ones(128, dtype=torch.bfloat16),
+          "double_blocks.0.img_attn.qkv.weight": torch.randn(64, 32).to(torch.bfloat16)}
+    sd["double_blocks.0.img_attn.qkv.weight"][3, 5] = float("nan")
+    path = tmp_path / "nan.safetensors"
+    save_file(sd, str(path))
+    with pytest.raises(NonFiniteWeightError, match=r"double_blocks\.0\.img_attn\.qkv\.weight"):
+        load(pack, str(path))
