@@ -1,0 +1,37 @@
+"""One call for the adapter: measure the blocks, plan within the config's budget, attach.
+
+Example (run by tests/unit/test_offload_streamer.py):
+    >>> import torch
+    >>> from offload import OffloadConfig
+    >>> blocks = [torch.nn.Linear(64, 64) for _ in range(4)]
+    >>> size = block_nbytes(blocks)[0]  # 64x64 fp32 weight + bias (padded to 256 bytes)
+    >>> cfg = OffloadConfig(budget_bytes=3 * size, margin_bytes=0)
+    >>> streamer = offload_blocks(blocks, cfg, torch.device("cpu"), activation_bytes=0)
+    >>> streamer.plan.resident_blocks, streamer.device_bytes == 3 * size  # 1 resident + 2 slots
+    ((0,), True)
+    >>> streamer.detach()
+"""
+
+from __future__ import annotations
+
+from .config import PINNED_H2D_BYTES_PER_S, OffloadConfig
+from .packing import block_nbytes
+from .planner import Plan, plan
+from .streamer import BlockStreamer
+
+
+def plan_for(config: OffloadConfig, block_bytes: list[int], activation_bytes: int,
+             seconds_per_block: list[float] | None = None,
+             h2d_bytes_per_s: float = PINNED_H2D_BYTES_PER_S) -> Plan:
+    """plan() with the budget, chunk size, prefetch and margin of `config`."""
+    return plan(block_bytes, config.budget_bytes, activation_bytes, seconds_per_block, h2d_bytes_per_s,
+                chunk_size=config.chunk_size, prefetch=config.prefetch, margin_bytes=config.margin_bytes)
+
+
+def offload_blocks(blocks, config: OffloadConfig, device, activation_bytes: int,
+                   seconds_per_block: list[float] | None = None,
+                   h2d_bytes_per_s: float = PINNED_H2D_BYTES_PER_S) -> BlockStreamer:
+    """Plan (refusing a budget below the floor before anything moves) and return an attached streamer."""
+    blocks = list(blocks)
+    chosen = plan_for(config, block_nbytes(blocks), activation_bytes, seconds_per_block, h2d_bytes_per_s)
+    return BlockStreamer(blocks, chosen, device, pin_memory=config.pin_memory).attach()

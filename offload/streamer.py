@@ -1,0 +1,295 @@
+"""BlockStreamer: run an ordered list of blocks within a device budget, streaming what is not resident.
+
+Lifecycle:
+    attach()  pack each streamed group into one host buffer (pinned when possible), copy resident
+              groups into one device arena, allocate `prefetch + 1` slots, install block hooks,
+              start copying the first groups. Any error inside attach undoes all of it.
+    forward   the model calls its blocks in order; a block's pre-hook makes sure its group is in a
+              slot (copying it now if prefetch missed it), makes the compute stream wait for that
+              copy only, points the modules at the slot, and queues the copies of the next
+              `prefetch` groups; the post-hook records "done reading this slot".
+    detach()  waits for queued copies, removes the hooks, points every module back at host memory,
+              unpins, frees slots, arena and stream. Safe twice, after a failed forward or attach.
+
+Blocks must be invoked through their own `__call__` (hooks). A container that calls its children
+directly (SDXL's TimestepEmbedSequential) should be passed as its children, or the caller invokes
+before_block(i) / after_block(i) itself (install_hooks=False).
+
+Example (run by tests/unit/test_offload_streamer.py):
+    >>> import torch
+    >>> from offload import block_nbytes, plan
+    >>> blocks = [torch.nn.Linear(64, 64) for _ in range(4)]
+    >>> p = plan(block_nbytes(blocks), budget_bytes=3 * block_nbytes(blocks)[0], activation_bytes=0)
+    >>> x = torch.randn(2, 64)
+    >>> with BlockStreamer(blocks, p, torch.device("cpu")) as streamer:
+    ...     y = blocks[3](blocks[2](blocks[1](blocks[0](x))))
+    ...     streamer.streamed_bytes_per_pass > 0
+    True
+"""
+
+from __future__ import annotations
+
+import contextlib
+import functools
+
+import torch
+from torch import nn
+
+from .config import LOG, fmt_bytes
+from .packing import GroupLayout, block_tensors, pack_host, pin_cost_note
+from .planner import Plan
+from .slots import SlotPool
+from .streams import backend_for
+
+
+def _normal_tensors() -> contextlib.ExitStack:
+    """Buffers and views made here are normal tensors even when the caller runs under
+    torch.inference_mode() (ComfyUI does): inference tensors would make the detached modules
+    unusable in any later computation that autograd records."""
+    stack = contextlib.ExitStack()
+    stack.enter_context(torch.inference_mode(False))
+    stack.enter_context(torch.no_grad())
+    return stack
+
+
+class BlockStreamer:
+    def __init__(self, blocks, plan: Plan, device, *, pin_memory: bool = True,
+                 install_hooks: bool = True, trace: bool = False) -> None:
+        self.blocks: list[nn.Module] = list(blocks)
+        if len(self.blocks) != len(plan.block_bytes):
+            raise ValueError(f"offload: the plan is for {len(plan.block_bytes)} blocks, got {len(self.blocks)}")
+        self.plan = plan
+        self.device = torch.device(device)
+        self.backend = backend_for(self.device)  # no CUDA call here
+        self.pin_memory = pin_memory and self.device.type == "cuda"  # pinning only speeds up H2D copies
+        self.install_hooks = install_hooks
+        self.trace: list[tuple[str, int, int]] | None = [] if trace else None
+        self._group_of = [g for g, group in enumerate(plan.groups) for _ in group]
+        self._first_of_group = {group[0] for group in plan.groups}
+        self._windows = self._make_windows()
+        self._reset()
+
+    def _make_windows(self) -> list[tuple[int, ...]]:
+        """Per group: the streamed groups that must be in slots when it starts, in call order: the
+        group itself (if streamed) and the next `prefetch`, wrapping to the start of the next pass."""
+        streamed = list(self.plan.streamed_groups)
+        windows = []
+        for g in range(len(self.plan.groups)):
+            after = [k for k, s in enumerate(streamed) if s >= g]
+            k0 = after[0] if after else 0
+            size = min(self.plan.slot_count, len(streamed))
+            windows.append(tuple(streamed[(k0 + j) % len(streamed)] for j in range(size)))
+        return windows
+
+    def _reset(self) -> None:
+        self.attached = False
+        self._layouts: list[GroupLayout] = []
+        self._hosts: dict[int, object] = {}  # streamed group -> HostGroup
+        self._originals: dict[int, tuple[torch.Tensor, ...]] = {}  # resident group -> its old .data
+        self._arena: torch.Tensor | None = None
+        self._slots: SlotPool | None = None
+        self._copy_stream = None
+        self._pointed: dict[int, int] = {}  # streamed group -> slot index its modules point at
+        self._hooks: list = []
+        self.copies = 0
+        self.bytes_copied = 0
+
+    # ---- memory accounting (what ComfyUI's model_size / partial loading need) --------------------
+
+    @property
+    def resident_device_bytes(self) -> int:
+        return 0 if self._arena is None else self._arena.nbytes
+
+    @property
+    def slot_device_bytes(self) -> int:
+        return 0 if self._slots is None else self._slots.device_bytes
+
+    @property
+    def device_bytes(self) -> int:
+        """Device memory this streamer holds (resident arena + slots); activations are the model's."""
+        return self.resident_device_bytes + self.slot_device_bytes
+
+    @property
+    def streamed_bytes_per_pass(self) -> int:
+        return sum(self._layouts[g].nbytes for g in self._hosts)
+
+    @property
+    def pinned_host_bytes(self) -> int:
+        return sum(h.pinned_nbytes for h in self._hosts.values())
+
+    # ---- lifecycle ------------------------------------------------------------------------------
+
+    def __enter__(self) -> BlockStreamer:
+        return self.attach()
+
+    def __exit__(self, *exc) -> None:
+        self.detach()
+
+    def attach(self) -> BlockStreamer:
+        if self.attached:
+            return self
+        try:
+            with _normal_tensors():
+                self._attach()
+        except BaseException:
+            self.detach()  # leave nothing allocated or re-pointed
+            raise
+        return self
+
+    def _attach(self) -> None:
+        self.attached = True  # from here detach() has something to undo
+        plan = self.plan
+        tensors = block_tensors(self.blocks)  # refuses tensors shared between blocks
+        self._layouts = [GroupLayout.build([(i, tensors[i]) for i in group]) for group in plan.groups]
+        for g, group in enumerate(plan.groups):
+            if self._layouts[g].nbytes != plan.group_bytes(g):
+                raise ValueError(
+                    f"offload: blocks {group[0]}-{group[-1]} pack to {self._layouts[g].nbytes} bytes but the plan "
+                    f"says {plan.group_bytes(g)}; make the plan from offload.block_nbytes(blocks)"
+                )
+        resident = [g for g in range(len(plan.groups)) if plan.resident[g]]
+        streamed = list(plan.streamed_groups)
+        # Device memory first: an out-of-memory here costs nothing, after the slow host packing it would.
+        resident_nbytes = sum(self._layouts[g].nbytes for g in resident)
+        if resident_nbytes:
+            self._arena = torch.empty(resident_nbytes, dtype=torch.uint8, device=self.device)
+        if streamed:
+            slot_nbytes = max(self._layouts[g].nbytes for g in streamed)
+            self._slots = SlotPool(plan.slot_count, slot_nbytes, self.device, self.backend)
+        offset = 0
+        for g in resident:
+            layout = self._layouts[g]
+            flat = self._arena[offset : offset + layout.nbytes]
+            offset += layout.nbytes
+            self._originals[g] = tuple(e.tensor.data for e in layout.entries)
+            layout.fill(flat)
+            layout.point_to(layout.views(flat))
+        pin = self.pin_memory
+        for g in streamed:
+            host = pack_host(self._layouts[g], pin)
+            self._hosts[g] = host
+            if host.pin_error is not None:
+                pin = False  # the next groups would fail the same way, one slow call each
+                rest = sum(self._layouts[k].nbytes for k in streamed if k not in self._hosts) + host.buffer.nbytes
+                LOG.warning(
+                    "offload: could not pin %s of host memory (%s); streaming it from pageable memory: %s. "
+                    "Free host RAM or lower what is streamed (raise budget_bytes) to get pinned speed back.",
+                    fmt_bytes(rest), host.pin_error, pin_cost_note(),
+                )
+        if self.install_hooks:
+            for i, block in enumerate(self.blocks):
+                self._hooks.append(block.register_forward_pre_hook(
+                    functools.partial(self._pre_hook, i), prepend=True))
+                if not plan.resident[self._group_of[i]]:
+                    self._hooks.append(block.register_forward_hook(functools.partial(self._post_hook, i)))
+        if streamed:
+            # The slots came from the caching allocator on the compute stream, which may hand out memory
+            # that kernels still queued there are reading; the copy stream must start after them.
+            self._stream().wait_stream(self.backend.current_stream())
+            self._prefetch(self._windows[0])
+
+    def detach(self) -> None:
+        """Put every module back on host memory and free device memory, pinned pages and the stream."""
+        if not self.attached:
+            return
+        try:
+            if self._copy_stream is not None or self._arena is not None or self._slots is not None:
+                # Copies still reading pinned pages, and kernels (on whatever stream the model ran) still
+                # reading slots or the arena, must finish before we unpin and free: the pages would go
+                # back to the OS and the caching allocator would hand the device memory out again.
+                self.backend.synchronize()
+        finally:
+            for handle in self._hooks:
+                handle.remove()
+            with _normal_tensors():
+                for g, host in self._hosts.items():
+                    self._layouts[g].point_to(host.views)
+                    host.unpin()
+                for g, originals in self._originals.items():
+                    self._layouts[g].point_to(originals)
+            if self._slots is not None:
+                self._slots.close()
+            self._reset()
+
+    # ---- per block ------------------------------------------------------------------------------
+
+    def _pre_hook(self, i: int, module, args) -> None:
+        self.before_block(i)
+
+    def _post_hook(self, i: int, module, args, output) -> None:
+        self.after_block(i)
+
+    def before_block(self, i: int) -> None:
+        """Call before block i computes: its weights are on the device when this returns (in stream order)."""
+        g = self._group_of[i]
+        if not self._hosts:
+            return  # nothing streamed
+        if i in self._first_of_group:
+            self._prefetch(self._windows[g])
+        if self.plan.resident[g]:
+            return
+        slot = self._slots.slot_of(g)
+        if slot is None:  # called out of order (e.g. a skipped block): load it now
+            self._prefetch(self._windows[g])
+            slot = self._slots.slot_of(g)
+        if not slot.waited:
+            # Without this wait the compute stream would read the slot while the copy engine is still
+            # writing it (garbage weights, no error). It waits for this group's copy only.
+            self.backend.current_stream().wait_event(slot.copied)
+            slot.waited = True
+            self._log("wait", g, slot.index)
+        if self._pointed.get(g) != slot.index:
+            views = slot.views.get(g)
+            if views is None:
+                with _normal_tensors():
+                    views = slot.views[g] = self._layouts[g].views(slot.buffer)
+            self._layouts[g].point_to(views)
+            self._pointed[g] = slot.index
+
+    def after_block(self, i: int) -> None:
+        """Call after block i computed: its slot may be refilled once the queued compute has run."""
+        g = self._group_of[i]
+        if not self._hosts or self.plan.resident[g]:
+            return
+        slot = self._slots.slot_of(g)
+        if slot is not None:
+            slot.done.record(self.backend.current_stream())
+            self._log("done", g, slot.index)
+
+    # ---- copies ---------------------------------------------------------------------------------
+
+    def _stream(self):
+        if self._copy_stream is None:
+            self._copy_stream = self.backend.new_stream()  # lazily: the one side stream
+        return self._copy_stream
+
+    def _prefetch(self, window: tuple[int, ...]) -> None:
+        for g in window:
+            if self._slots.slot_of(g) is None:
+                self._copy_into(self._slots.victim(keep=window), g)
+
+    def _copy_into(self, slot, g: int) -> None:
+        old = slot.group
+        if old is not None:
+            # The old group's modules stop pointing at bytes that are about to change.
+            if self._pointed.get(old) == slot.index:
+                self._layouts[old].point_to(self._hosts[old].views)
+                del self._pointed[old]
+            self._log("evict", old, slot.index)
+        stream = self._stream()
+        # Without this wait the copy could overwrite the slot while queued kernels of its previous
+        # group still read it. (An event never recorded makes the wait a no-op.)
+        stream.wait_event(slot.done)
+        host = self._hosts[g]
+        with self.backend.on_stream(stream):
+            # Asynchronous only from pinned pages; from pageable memory CUDA copies synchronously anyway.
+            slot.buffer[: host.buffer.nbytes].copy_(host.buffer, non_blocking=host.pinned and self.backend.non_blocking)
+            slot.copied.record(stream)
+        self._slots.assign(slot, g)
+        self.copies += 1
+        self.bytes_copied += host.buffer.nbytes
+        self._log("copy", g, slot.index)
+
+    def _log(self, what: str, group: int, slot: int) -> None:
+        if self.trace is not None:
+            self.trace.append((what, group, slot))
