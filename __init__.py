@@ -36,9 +36,23 @@ def _node(module: str, name: str):
 
 NODE_CLASS_MAPPINGS = {
     "Float8DiTLoader": _node("float8_dit_loader", "Float8DiTLoader"),
+    "LazyVAEDecode": _node("lazy_vae_decode", "LazyVAEDecode"),
+    "FlashAttnToggle": _node("flash_attn_toggle", "FlashAttnToggle"),
+    "ChunkedOffloadUNet": _node("chunked_offload_unet", "ChunkedOffloadUNet"),
+    "NewBieTextEncoderLoader": _node("newbie_text_encoder_loader", "NewBieTextEncoderLoader"),
+    "NewBieTextEncode": _node("newbie_text_encode", "NewBieTextEncode"),
+    "NewBieXMLPrompt": _node("newbie_xml_prompt", "NewBieXMLPrompt"),
+    "NewBieDiTLoader": _node("newbie_dit_loader", "NewBieDiTLoader"),
 }
 NODE_DISPLAY_NAME_MAPPINGS = {
     "Float8DiTLoader": "Float8 DiT Loader (LowVRAM)",
+    "LazyVAEDecode": "Lazy VAE Decode (LowVRAM)",
+    "FlashAttnToggle": "Flash Attention Toggle (LowVRAM)",
+    "ChunkedOffloadUNet": "Chunked Offload UNet (LowVRAM)",
+    "NewBieTextEncoderLoader": "NewBie Text Encoder Loader (LowVRAM)",
+    "NewBieTextEncode": "NewBie Text Encode (LowVRAM)",
+    "NewBieXMLPrompt": "NewBie XML Prompt (LowVRAM)",
+    "NewBieDiTLoader": "NewBie DiT Loader (LowVRAM)",
 }
 
 __all__ = ["NODE_CLASS_MAPPINGS", "NODE_DISPLAY_NAME_MAPPINGS"]

@@ -9,6 +9,8 @@ import re
 from dataclasses import dataclass
 from typing import Callable, Mapping
 
+from torch import nn
+
 
 def _shape0(sd: Mapping, key: str):
     t = sd.get(key)
@@ -24,6 +26,23 @@ class Family:
     # Attributes of the diffusion model holding its block lists, in the order one step runs them.
     block_lists: tuple[str, ...]
     why: str
+    model_classes: tuple[str, ...] = ()  # class names of the ComfyUI diffusion model
+    # SDXL's blocks are TimestepEmbedSequential containers whose children ComfyUI calls one by one
+    # (their own forward never runs), so the streamed units are the children.
+    units_are_children: bool = False
+    # Module in nodes/ that completes a model after ComfyUI built it (take_extra_weights + attach), or "".
+    post_load: str = ""
+
+    def named_stream_units(self, container) -> list[tuple[str, nn.Module]]:
+        """(index path, module) of the units that stream, in call order, for one block list."""
+        if not self.units_are_children:
+            return [(str(i), b) for i, b in enumerate(container)]
+        if isinstance(container, nn.ModuleList):  # input_blocks / output_blocks: a list of Sequentials
+            return [(f"{i}.{j}", child) for i, block in enumerate(container) for j, child in enumerate(block)]
+        return [(str(j), child) for j, child in enumerate(container)]  # middle_block: one Sequential
+
+    def stream_units(self, container) -> list[nn.Module]:
+        return [unit for _, unit in self.named_stream_units(container)]
 
 
 # Flux: the embedders and the final layer stay bf16 (0.3% of the weights). Its modulation layers are 18% of
@@ -38,17 +57,20 @@ NEXTDIT_KEEP = (r"x_embedder", r"t_embedder\..*", r"cap_embedder\..*", r".*adaLN
 # time/label embeddings and the 1x1 projections stay fp16.
 SDXL_KEEP = (r"time_embed\..*", r"label_emb\..*", r".*\.proj_in", r".*\.proj_out", r"out\..*")
 
+NEXTDIT_BLOCKS = ("context_refiner", "noise_refiner", "layers")
+
 FAMILIES = (
     Family("flux", lambda sd: "double_blocks.0.img_attn.norm.key_norm.scale" in sd, FLUX_KEEP,
-           ("double_blocks", "single_blocks"), "Flux.1 (dev, schnell, finetunes)"),
+           ("double_blocks", "single_blocks"), "Flux.1 (dev, schnell, finetunes)", ("Flux",)),
+    # Next-DiT runs context_refiner, then noise_refiner, then layers (comfy/ldm/lumina/model.py).
     Family("z-image", lambda sd: _shape0(sd, "cap_embedder.1.weight") == 3840, NEXTDIT_KEEP,
-           ("noise_refiner", "context_refiner", "layers"), "Z-Image (Next-DiT, dim 3840)"),
+           NEXTDIT_BLOCKS, "Z-Image (Next-DiT, dim 3840)"),
     Family("newbie", lambda sd: "cap_embedder.1.weight" in sd and "clip_text_pooled_proj.0.weight" in sd,
-           NEXTDIT_KEEP, ("noise_refiner", "context_refiner", "layers"), "NewBie-image (Next-DiT + Jina path)"),
+           NEXTDIT_KEEP, NEXTDIT_BLOCKS, "NewBie-image (Next-DiT + Jina path)", post_load="comfy_newbie_dit"),
     Family("lumina2", lambda sd: "cap_embedder.1.weight" in sd, NEXTDIT_KEEP,
-           ("noise_refiner", "context_refiner", "layers"), "Lumina-Image-2.0 (Next-DiT)"),
+           NEXTDIT_BLOCKS, "Next-DiT (Lumina-2, NewBie, Z-Image)", ("NextDiT",), post_load="comfy_newbie_dit"),
     Family("sdxl", lambda sd: "input_blocks.0.0.weight" in sd and "label_emb.0.0.weight" in sd, SDXL_KEEP,
-           ("input_blocks", "middle_block", "output_blocks"), "SDXL UNet"),
+           ("input_blocks", "middle_block", "output_blocks"), "SDXL UNet", ("UNetModel",), units_are_children=True),
 )
 WHAT_WE_LOOK_FOR = ("double_blocks.0.img_attn.norm.key_norm.scale (Flux), cap_embedder.1.weight (Next-DiT: "
                     "Lumina-2, NewBie, Z-Image), input_blocks.0.0.weight + label_emb.0.0.weight (SDXL)")
@@ -70,6 +92,16 @@ def detect_family(sd: Mapping) -> Family:
     raise UnknownFamilyError(
         f"this file is not a diffusion model the pack knows: none of the keys it looks for were found "
         f"({WHAT_WE_LOOK_FOR}). Is it a text encoder, a VAE or a LoRA? Pick a diffusion model file.")
+
+
+def family_of_model(diffusion_model) -> Family:
+    """The family whose block table fits a built ComfyUI diffusion model (by class name)."""
+    name = type(diffusion_model).__name__
+    for fam in FAMILIES:
+        if name in fam.model_classes:
+            return fam
+    known = ", ".join(f"{c} ({f.name})" for f in FAMILIES for c in f.model_classes)
+    raise UnknownFamilyError(f"the pack does not know where {name} keeps its blocks; known model classes: {known}")
 
 
 def keep_filter(patterns: tuple[str, ...]) -> Callable[[str, tuple], bool]:

@@ -1,0 +1,123 @@
+"""ChunkedOffloadUNet's adapter inside ComfyUI (in-process, CPU): streaming through ComfyUI's real sampler
+gives bit-identical latents, with and without LoRA, on fp8 and bf16 weights, and releases everything.
+
+On the CPU the "device" is the host: resident groups stay put and streamed groups are copied host to host,
+which exercises the whole mechanism (object patches, hidden block lists, hooks, LoRA weight functions,
+accounting, detach) except the CUDA streams, which the GPU benchmark checks.
+"""
+import importlib
+
+import pytest
+import torch
+from safetensors.torch import save_file
+
+pytestmark = pytest.mark.comfy
+MiB = 1 << 20
+
+
+@pytest.fixture(scope="module")
+def adapters(comfy):
+    from harness.pack_import import import_pack
+
+    import_pack()
+    return (importlib.import_module("lowvram_kit.nodes.comfy_block_streaming"),
+            importlib.import_module("lowvram_kit.nodes.comfy_fp8_loading"))
+
+
+def sample(comfy, model, seed=0, steps=2):
+    import comfy.sample
+
+    g = torch.Generator().manual_seed(seed)
+    latent = torch.zeros(1, 16, 16, 16)
+    noise = torch.randn(latent.shape, generator=g)
+    cond = [[torch.randn(1, 8, 4096, generator=g), {"pooled_output": torch.randn(1, 768, generator=g), "guidance": 3.5}]]
+    with torch.no_grad():
+        return comfy.sample.sample(model, noise, steps, 1.0, "euler", "simple", cond, cond, latent, seed=seed)
+
+
+def block_bytes(model):
+    dm = model.model.diffusion_model
+    return sum(p.numel() * p.element_size() for blk in list(dm.double_blocks) + list(dm.single_blocks)
+               for p in blk.parameters())
+
+
+def streamed(adapters, model, budget_bytes, **kw):
+    streaming, _ = adapters
+    settings = streaming.StreamingSettings(budget_bytes, kw.get("chunk_size", 0), kw.get("prefetch", 0), False)
+    return streaming.stream_blocks(model, settings)
+
+
+@pytest.fixture(scope="module")
+def flux_fp8(adapters, tmp_path_factory):
+    """Flux-dev with 1 double + 5 single blocks (the tiny model's 2 blocks leave nothing worth streaming:
+    two transfer slots of the largest block already hold both), quantized by Float8DiTLoader's route."""
+    from harness.synthetic.flux import FluxConfig, flux_specs
+    from harness.synthetic.writer import write_specs
+    from lowvram_kit.quant import QuantConfig
+
+    path = tmp_path_factory.mktemp("flux6") / "flux-1d5s.safetensors"
+    write_specs(path, flux_specs(FluxConfig(depth=1, depth_single=5), torch.bfloat16), {"format": "pt"}, seed=5)
+    _, loading = adapters
+    model, _ = loading.load_fp8_model(str(path), loading.Fp8LoadConfig(QuantConfig()))
+    return model
+
+
+def partial_budget(model) -> int:
+    """Activations (~120 MiB at this size) + the streamer's 256 MiB margin + 60% of the block bytes."""
+    return 376 * MiB + int(0.6 * block_bytes(model))
+
+
+def test_streaming_is_bit_identical_and_releases_everything(comfy, adapters, flux_fp8, comfy_cleanup):
+    ref = sample(comfy, flux_fp8)
+    comfy.model_management.unload_all_models()
+    clone, session = streamed(adapters, flux_fp8, partial_budget(flux_fp8))
+    out = sample(comfy, clone)
+    assert session.streamer is not None and session.streamer.plan.streamed_groups, session.plan_text
+    assert session.streamer.copies > 0
+    assert torch.equal(out, ref)
+    # ComfyUI never saw the block weights: it loaded only the rest, plus what the streamer reported.
+    comfy.model_management.unload_all_models()
+    assert session.streamer is None  # ON_DETACH released slots, pinned buffers and hooks
+    # The original model is untouched and still gives the reference.
+    assert torch.equal(sample(comfy, flux_fp8), ref)
+
+
+def test_streaming_with_lora_matches_lora_without_streaming(comfy, adapters, flux_fp8, tmp_path, comfy_cleanup):
+    import comfy.sd
+    import comfy.utils
+
+    g = torch.Generator().manual_seed(3)
+    lora = {}
+    for layer, (o, i) in {"double_blocks.0.img_mlp.0": (12288, 3072), "single_blocks.0.linear1": (21504, 3072)}.items():
+        lora[f"diffusion_model.{layer}.lora_down.weight"] = (torch.randn(4, i, generator=g) * 0.05).to(torch.bfloat16)
+        lora[f"diffusion_model.{layer}.lora_up.weight"] = (torch.randn(o, 4, generator=g) * 0.05).to(torch.bfloat16)
+    save_file(lora, str(tmp_path / "l.safetensors"))
+    lora = comfy.utils.load_torch_file(str(tmp_path / "l.safetensors"))
+    base = sample(comfy, flux_fp8)
+    with_lora = comfy.sd.load_lora_for_models(flux_fp8, None, lora, 1.0, 0)[0]
+    ref = sample(comfy, with_lora)
+    assert not torch.equal(ref, base)
+    comfy.model_management.unload_all_models()
+    # LoRA applied after the streaming node (the usual graph order: loader -> stream -> LoRA)
+    clone, session = streamed(adapters, flux_fp8, partial_budget(flux_fp8))
+    lora_clone = comfy.sd.load_lora_for_models(clone, None, lora, 1.0, 0)[0]
+    out = sample(comfy, lora_clone)
+    assert session.streamer is not None and session.streamer.plan.streamed_groups
+    # Per-call LoRA (ComfyUI's lowvram path) vs LoRA patched into the weights: same math, fp32 both.
+    assert (out - ref).abs().max().item() < 1e-3 * ref.abs().max().item() + 1e-3
+
+
+def test_unknown_model_class_is_named(adapters):
+    streaming, _ = adapters
+
+    class Dummy(torch.nn.Module):
+        pass
+
+    class FakePatcher:
+        model = type("M", (), {"diffusion_model": Dummy()})()
+
+        def clone(self):
+            return self
+
+    with pytest.raises(ValueError, match="Dummy"):
+        streaming.stream_blocks(FakePatcher(), streaming.StreamingSettings(0, 0, 0, False))
