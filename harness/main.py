@@ -31,7 +31,7 @@ DEFAULT_WORKFLOW = "sdxl_24gb"
 MODEL_WIDGETS = {
     "ckpt_name": "checkpoints", "unet_name": "diffusion_models", "model_name": "diffusion_models",
     "clip_name": "text_encoders", "clip_name1": "text_encoders", "clip_name2": "text_encoders",
-    "vae_name": "vae", "lora_name": "loras",
+    "vae_name": "vae", "lora_name": "loras", "gemma_name": "text_encoders", "jina_name": "text_encoders",
 }
 # What the CPU can run in minutes: workflows are scaled down there unless the user says otherwise.
 CPU_DEFAULTS = {"width": 256, "height": 256, "steps": 4}

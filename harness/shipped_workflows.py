@@ -76,7 +76,49 @@ def flux_dev_24gb() -> GraphSpec:
     ], notes=[("Read me", note, (40, 760))])
 
 
-WORKFLOWS = {"sdxl_24gb": sdxl_24gb, "flux_dev_24gb": flux_dev_24gb}
+NEWBIE_DIT = {"name": "NewBie-Image-Exp0.1.safetensors", "directory": "diffusion_models",
+              "url": f"{HF}/NewBie-AI/NewBie-image-Exp0.1/resolve/main/transformer/diffusion_pytorch_model.safetensors"}
+NEWBIE_GEMMA, NEWBIE_JINA = "gemma_3_4b_it_bf16.safetensors", "jina_clip_v2_bf16.safetensors"
+NEWBIE_NEGATIVE = "low quality, worst quality, blurry, jpeg artifacts, bad anatomy"
+
+
+def newbie_16gb() -> GraphSpec:
+    note = ("## NewBie-image Exp0.1 on a 16 GB card\n\nModels: `NewBie-Image-Exp0.1.safetensors` (7.0 GB bf16: "
+            "NewBie-AI/NewBie-image-Exp0.1's `transformer/diffusion_pytorch_model.safetensors`, renamed) in "
+            "`models/diffusion_models/`; `gemma_3_4b_it_bf16.safetensors` (7.8 GB) and "
+            "`jina_clip_v2_bf16.safetensors` (1.1 GB), ComfyUI repacks with their tokenizers inside "
+            "(woctordho/comfyui-gemma-3-4b-it, woctordho/comfyui-jina-clip-v2), in `models/text_encoders/` - "
+            "or the Hugging Face files with tokenizer.model / tokenizer.json beside them; Flux `ae.safetensors` in "
+            "`models/vae/`.\n\nFloat8DiTLoader loads the DiT as fp8 with per-channel scales (3.5 GB) including "
+            "NewBie's Jina pooled path, which ComfyUI 0.3.x drops; NewBieTextEncoderLoader loads Gemma-3-4B-it and "
+            "Jina CLIP v2 as fp8 too (about 5.4 GB together, embeddings kept bf16), so text encoders, DiT and VAE "
+            "fit 16 GB with room for 1024x1024. With 24 GB set weight_format to default.\n\nFlow matching, shift 6 "
+            "(ModelSamplingAuraFlow), 24 steps, euler, CFG 4.5 (model card: CFG 4-5, 18-28 steps).")
+    return GraphSpec(nodes=[
+        NodeSpec(1, "Float8DiTLoader", {"model_name": NEWBIE_DIT["name"]}, properties={"models": [NEWBIE_DIT]},
+                 size=(340, 200)),
+        NodeSpec(2, "ModelSamplingAuraFlow", {"shift": 6.0}, links={"model": (1, 0)}),
+        NodeSpec(3, "NewBieTextEncoderLoader", {"gemma_name": NEWBIE_GEMMA, "jina_name": NEWBIE_JINA,
+                                                "weight_format": "fp8"}, size=(340, 160)),
+        NodeSpec(4, "NewBieXMLPrompt", {"character_1_name": "hatsune miku", "character_1_gender": "1girl",
+                                        "character_1_appearance": "long twintails, aqua hair, aqua eyes, smile",
+                                        "style": "anime", "background": "city street at night, neon lights",
+                                        "quality": "masterpiece, best quality"}, size=(360, 520)),
+        NodeSpec(5, "NewBieTextEncode", {"system_prompt": "high_quality"}, links={"clip": (3, 0), "text": (4, 0)},
+                 title="Positive", size=(400, 160)),
+        NodeSpec(6, "NewBieTextEncode", {"text": NEWBIE_NEGATIVE, "system_prompt": "high_quality"},
+                 links={"clip": (3, 0)}, title="Negative", size=(400, 160)),
+        NodeSpec(7, "EmptySD3LatentImage", {"width": 1024, "height": 1024, "batch_size": 1}),
+        NodeSpec(8, "KSampler", {"seed": 42, "steps": 24, "cfg": 4.5, "sampler_name": "euler", "scheduler": "simple",
+                                 "denoise": 1.0},
+                 links={"model": (2, 0), "positive": (5, 0), "negative": (6, 0), "latent_image": (7, 0)}),
+        NodeSpec(9, "VAELoader", {"vae_name": FLUX_AE["name"]}, properties={"models": [FLUX_AE]}),
+        NodeSpec(10, "VAEDecode", links={"samples": (8, 0), "vae": (9, 0)}),
+        NodeSpec(11, "SaveImage", {"filename_prefix": "lowvram_newbie"}, links={"images": (10, 0)}),
+    ], notes=[("Read me", note, (40, 760))])
+
+
+WORKFLOWS = {"sdxl_24gb": sdxl_24gb, "flux_dev_24gb": flux_dev_24gb, "newbie_16gb": newbie_16gb}
 
 
 def main() -> int:

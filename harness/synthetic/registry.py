@@ -11,7 +11,7 @@ from typing import Any, Callable
 
 import torch
 
-from . import checkpoint, clip, flux, llm, nextdit, t5, vae
+from . import checkpoint, clip, flux, jina, llm, nextdit, t5, vae
 from .spec import TensorSpec
 
 # Bump when any key generator, config or init rule changes: cached files are then rewritten.
@@ -94,6 +94,8 @@ _ENTRIES = [
         "Gemma-3-4B-it text encoder, ComfyUI layout + spiece_model (tiny: 3 layers, 1 head, vocab 512)"),
     _te("qwen3-4b", "qwen_3_4b.safetensors", llm, llm.llm_specs, llm.QWEN3_4B_FULL, llm.QWEN3_4B_TINY,
         torch.bfloat16, "Qwen3-4B text encoder, ComfyUI layout (tiny: 3 layers, 1 head, FFN 64)"),
+    _te("jina-clip-v2", "jina_clip_v2_bf16.safetensors", jina, jina.jina_specs, jina.JINA_FULL, jina.JINA_TINY,
+        torch.bfloat16, "Jina CLIP v2 text tower (NewBie), ComfyUI layout + spiece_model (tiny: 2 layers, FFN 64)"),
     _vae("flux-ae", "ae.safetensors", vae.FLUX_AE, "Flux AE, 16 latent channels, ldm keys, fp32"),
     _vae("sdxl-vae", "sdxl_vae.safetensors", vae.SDXL_VAE, "SDXL KL VAE, 4 latent channels, ldm keys, fp32"),
 ]

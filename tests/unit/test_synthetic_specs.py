@@ -24,6 +24,7 @@ from harness.synthetic.writer import read_header, write_specs
 CLIP_L_PROJECTION = 768 * 768              # not in clip_l.safetensors (246 MB = 123,060,480 x 2 B)
 T5_DUPLICATE_EMBED = 32128 * 4096          # t5xxl_fp16 stores encoder.embed_tokens besides shared
 FULL_PARAMS = {
+    "jina-clip-v2": 558_314_496,  # text tower only (models.md section 1.4)
     "flux-dev": 11_901_408_320,
     "flux-schnell": 11_891_178_560,
     # UNet + CLIP-L + CLIP-G + VAE; sd_xl_base_1.0 has no CLIP-L projection, and keeps the OpenCLIP
