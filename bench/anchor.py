@@ -75,13 +75,16 @@ def ensure_model(size: str, models_dir: Path, device: str) -> tuple[Path, float]
     return model_path("flux-dev", size, models_dir), time.perf_counter() - t0
 
 
-def run_mode(mode: Mode, model: Path, budgets: str, rows_file: Path, a, comfyui_path: str) -> int:
+def run_mode(mode: Mode, model: Path, budgets: str, rows_file: Path, a, comfyui_path: str,
+             extra: tuple[str, ...] = ()) -> int:
+    """One bench.comfy_core_flux process; `a` carries width, height, steps, txt_tokens, noise_check, smoke;
+    `extra`: more of its options (e.g. --latent-out DIR)."""
     cmd = [sys.executable, "-m", "bench.comfy_core_flux", "--model", str(model), "--mode", mode.name,
            "--weight-dtype", mode.weight_dtype, "--budgets", budgets, "--rows-out", str(rows_file),
            "--width", str(a.width), "--height", str(a.height), "--steps", str(a.steps),
            "--txt-tokens", str(a.txt_tokens)]
     cmd += ["--noise-check"] if a.noise_check else []
-    cmd += ["--", *mode.comfy_argv, *(["--cpu"] if a.smoke else [])]
+    cmd += [*extra, "--", *mode.comfy_argv, *(["--cpu"] if a.smoke else [])]
     print(f"[bench] mode {mode.name}: {mode.what}\n[bench] " + " ".join(cmd), flush=True)
     env = {**os.environ, "COMFYUI_PATH": comfyui_path, "PYTHONUNBUFFERED": "1"}
     return subprocess.run(cmd, cwd=REPO_ROOT, env=env).returncode

@@ -103,8 +103,10 @@ def linear_class(model) -> str:
     return "none"
 
 
-def sample_once(model, w: FluxWorkload, inputs, budget_gib, device, mm, comfy_sample) -> dict:
-    """Unload everything, put the ballast in place, sample, measure. One result row."""
+def sample_once(model, w: FluxWorkload, inputs, budget_gib, device, mm, comfy_sample,
+                latent_path: Path | None = None) -> dict:
+    """Unload everything, put the ballast in place, sample, measure. One result row; the output latent
+    [1, 16, H/8, W/8] goes to `latent_path` (torch.save) when given, for accuracy comparisons."""
     positive, negative, latent = inputs
     mm.unload_all_models()
     mm.soft_empty_cache()
@@ -161,6 +163,10 @@ def sample_once(model, w: FluxWorkload, inputs, budget_gib, device, mm, comfy_sa
     )
     if reading.note:
         row["peak_note"] = reading.note
+    if latent_path is not None and out is not None:
+        latent_path.parent.mkdir(parents=True, exist_ok=True)
+        torch.save(out.detach().to("cpu", torch.float32), latent_path)
+        row["latent_file"] = str(latent_path)
     if budget_gib is not None and row["peak_gib"] is not None:
         row["within_budget"] = row["peak_gib"] <= budget_gib
     return row
@@ -176,6 +182,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--budgets", default="unlimited", help="GiB list, e.g. unlimited,24,16,12")
     ap.add_argument("--rows-out", required=True, help="JSON-lines file to append results to")
     ap.add_argument("--noise-check", action="store_true", help="measure the first budget again at the end")
+    ap.add_argument("--latent-out", default=None, help="folder for each row's output latent (<mode>_<budget>.pt)")
     for f in ("width", "height", "steps", "txt_tokens", "seed"):
         ap.add_argument("--" + f.replace("_", "-"), type=int, default=getattr(FluxWorkload, f))
     a = ap.parse_args(ours)
@@ -216,7 +223,9 @@ def main(argv: list[str] | None = None) -> int:
     inputs = make_inputs(w)
     plan = budgets + ([budgets[0]] if a.noise_check else [])
     for i, budget in enumerate(plan):
-        row = sample_once(model, w, inputs, budget, device, mm, comfy_sample)
+        latent = (Path(a.latent_out) / f"{mode}_{budget_label(budget)}{'_again' if i >= len(budgets) else ''}.pt"
+                  if a.latent_out else None)
+        row = sample_once(model, w, inputs, budget, device, mm, comfy_sample, latent)
         row.update(kind="row", mode=mode, weight_dtype=a.weight_dtype, comfy_argv=comfy_argv, load_s=load_s,
                    repeat=i >= len(budgets))
         emit(row)

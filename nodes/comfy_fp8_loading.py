@@ -1,11 +1,13 @@
 """ComfyUI adapter: load a diffusion model file as fp8 through ComfyUI's own loader.
 
-file -> header (family, prefix) -> quant.quantize_file (tensor by tensor from the memory map) ->
-comfy.sd.load_diffusion_model_state_dict(custom_operations=fp8 ops) -> ModelPatcher.
+file -> header (family, prefix) -> quant.quantize_file (tensor by tensor from the memory map, quantized
+on ComfyUI's CUDA device when it has one) -> comfy.sd.load_diffusion_model_state_dict(custom_operations=
+fp8 ops) -> ModelPatcher.
 The fp8 tensors are handed to the model without a copy, so host RAM holds one fp8 model.
 """
 from __future__ import annotations
 
+import importlib
 import logging
 import os
 import time
@@ -64,12 +66,37 @@ def inspect_file(path: str) -> tuple[Family, str]:
     return detect_family(shapes), prefix
 
 
+def quantization_device() -> torch.device:
+    """ComfyUI's device where it is CUDA (quantizing there is several times faster), else the CPU."""
+    device = comfy.model_management.get_torch_device()
+    return device if device.type == "cuda" else torch.device("cpu")
+
+
+def _quantize_file(path: str, cfg: QuantConfig, keep, prefix: str):
+    device = quantization_device()
+    try:
+        return quantize_file(path, cfg, keep, prefix=prefix, device=device)
+    except torch.OutOfMemoryError:
+        if device.type == "cpu":
+            raise
+        # The GPU path needs about two of the largest weights free (a few hundred MB for Flux).
+        log.warning("LowVRAM Kit: not enough free memory on %s to quantize there; quantizing on the CPU instead "
+                    "(slower, same result)", device)
+        comfy.model_management.soft_empty_cache()
+        return quantize_file(path, cfg, keep, prefix=prefix, device="cpu")
+
+
+def post_load_adapter(family: Family):
+    """The family's completion module (model_families.Family.post_load), e.g. NewBie's pooled path; or None."""
+    return importlib.import_module(f".{family.post_load}", __package__) if family.post_load else None
+
+
 def load_fp8_model(path: str, cfg: Fp8LoadConfig):
     """Return (ModelPatcher, Fp8LoadReport). Raises quant.QuantFileError / ValueError with clear text."""
     t0 = time.perf_counter()
     family, prefix = inspect_file(path)
     patterns = parse_layer_patterns(cfg.high_precision_layers, family)
-    qf = quantize_file(path, cfg.quant, keep_filter(patterns), prefix=prefix)
+    qf = _quantize_file(path, cfg.quant, keep_filter(patterns), prefix)
     quant_cfg = qf.file_config or cfg.quant
     saved = None
     if cfg.save_copy_to and qf.layout != "lowvram":
@@ -80,10 +107,14 @@ def load_fp8_model(path: str, cfg: Fp8LoadConfig):
     ops = make_fp8_ops(compute, quant_cfg.act_scaling)
     options = {"custom_operations": ops, "dtype": HIGH_PRECISION_DTYPE.get(family.name, torch.bfloat16)}
     counts = (len(qf.quantized), len(qf.fp8_source), len(qf.kept))
+    adapter = post_load_adapter(family)
+    extra = adapter.take_extra_weights(qf.state_dict, family.name, path) if adapter else None
     model = comfy.sd.load_diffusion_model_state_dict(qf.state_dict, model_options=options)
     if model is None:
         raise ValueError(f"ComfyUI could not build a model from {os.path.basename(path)} (family {family.name}); "
                          "the file's keys did not match any model ComfyUI knows")
+    if adapter:
+        model = adapter.attach(model, extra, family.name, path)
     report = Fp8LoadReport(family.name, qf.layout, compute, *counts, time.perf_counter() - t0, saved)
     log.info("LowVRAM Kit Float8DiTLoader: %s", report.text())
     return model, report

@@ -40,6 +40,9 @@ class Layout:
     companions: tuple[str, ...]  # suffixes read with their layer's weight, never passed on
     scale_required: bool  # an fp8 2-D weight without its scale is an error (else scale 1)
     quantize_high_precision: bool  # bf16/fp16/fp32 2-D weights get quantized (else passed on as stored)
+    # Our own files hold only values we checked for NaN/inf before saving: their fp8 weights are not read
+    # again at load (12 GB for Flux), so reloading one touches no more data than ComfyUI's loader does.
+    checked_when_written: bool = False
 
 
 # Only a high-precision source is quantized by us: in an fp8 file, the layers its author left in
@@ -47,7 +50,7 @@ class Layout:
 LAYOUTS: dict[str, Layout] = {
     lay.kind: lay
     for lay in (
-        Layout("lowvram", "LowVRAM Kit fp8", ".weight_scale", (".weight_scale",), True, False),
+        Layout("lowvram", "LowVRAM Kit fp8", ".weight_scale", (".weight_scale",), True, False, True),
         Layout("weight_scale", "ComfyUI weight_scale/comfy_quant", ".weight_scale",
                (".weight_scale", ".input_scale", ".comfy_quant"), True, False),
         Layout("scaled_fp8", "ComfyUI scaled_fp8", ".scale_weight", (".scale_weight", ".scale_input"), True, False),

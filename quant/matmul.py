@@ -109,17 +109,86 @@ def linear_dequant(
     return F.linear(x.to(out_dtype), w, b)
 
 
+# Per-token / per-tensor amax of x [M, K] as fp32 [M, 1] / [1, 1], in one reduction that reads x once
+# (no |x| temporary). The [1, 1] shape keeps the division below in fp32 (see quantize_activation).
+_ACT_AMAX: dict[str, Callable[[torch.Tensor], torch.Tensor]] = {
+    "per_token": lambda x: torch.linalg.vector_norm(x, float("inf"), dim=1, keepdim=True, dtype=torch.float32),
+    "per_tensor": lambda x: torch.linalg.vector_norm(x, float("inf"), dtype=torch.float32).reshape(1, 1),
+}
+
+
 def quantize_activation(x2d: torch.Tensor, act_scaling: str) -> tuple[torch.Tensor, torch.Tensor]:
-    """(a [M, K] e4m3fn row-major, scale fp32 [M, 1] per token or [] per tensor), x2d ~= a * scale."""
-    if act_scaling == "per_token":
-        amax = x2d.abs().amax(dim=1, keepdim=True).float()
-    elif act_scaling == "per_tensor":
-        amax = x2d.abs().amax().float()
-    else:
+    """(a [M, K] e4m3fn row-major, scale fp32 [M, 1] per token or [] per tensor), x2d ~= a * scale.
+
+    Three passes over x: amax, divide (bf16 in, fp32 out), cast. No clamp is needed: |x| / (amax / 448)
+    exceeds 448 by at most one fp32 rounding, which the cast rounds back to 448 (e4m3fn turns to NaN only
+    from 480 up). The scale keeps its dims in the division on purpose: a 0-dim fp32 scale would not take
+    part in type promotion and a bf16 x would be divided in bf16.
+    >>> a, s = quantize_activation(torch.tensor([[1.0, -4.0], [0.5, 0.25]]), "per_token")
+    >>> (a.float() * s).tolist(), s.shape
+    ([[1.0, -4.0], [0.5, 0.25]], torch.Size([2, 1]))
+    """
+    if act_scaling not in _ACT_AMAX:
         raise ValueError(f"act_scaling {act_scaling!r} is not allowed; choose one of: {', '.join(ACT_SCALINGS)}")
-    scale = (amax / _E4M3.max_finite).clamp(min=_TINY)
-    a = (x2d.float() / scale).clamp_(-_E4M3.max_finite, _E4M3.max_finite).to(_E4M3.dtype)
-    return a.contiguous(), scale
+    scale = (_ACT_AMAX[act_scaling](x2d) / _E4M3.max_finite).clamp_(min=_TINY)
+    a = torch.div(x2d, scale).to(_E4M3.dtype)
+    return a, (scale if act_scaling == "per_token" else scale.reshape(()))
+
+
+@functools.lru_cache(maxsize=None)
+def _compiled_quantize_activation() -> Callable[[torch.Tensor, str], tuple[torch.Tensor, torch.Tensor]]:
+    # One fused kernel per act_scaling instead of three; dynamic=True: one graph for every M and K.
+    return torch.compile(quantize_activation, dynamic=True)
+
+
+def _triton_quantize_activation() -> Callable[[torch.Tensor, str], tuple[torch.Tensor, torch.Tensor]]:
+    from .act_quant_triton import quantize_activation_triton  # needs the triton package (Linux + CUDA)
+
+    return quantize_activation_triton
+
+
+# Fp8MatmulOptions.act_quant -> the activation quantizer (a factory, so nothing compiles or imports before use).
+ACT_QUANTIZERS: dict[str, Callable[[], Callable[[torch.Tensor, str], tuple[torch.Tensor, torch.Tensor]]]] = {
+    "eager": lambda: quantize_activation,
+    "compiled": _compiled_quantize_activation,
+    "triton": _triton_quantize_activation,
+}
+
+
+@dataclass(frozen=True)
+class Fp8MatmulOptions:
+    """Process-wide knobs of the fp8 GEMM path, for experiments (bench/fp8_flux.py measures them);
+    the loader node uses the defaults.
+
+    fast_accum: Hopper's fp8 tensor cores accumulate in reduced precision; by default the GEMM moves
+    partial sums to fp32 now and then, fast accumulation skips that (faster, less exact).
+    act_quant: "eager" (three PyTorch kernels), "compiled" (torch.compile fuses them; compiles on
+    first use, seconds) or "triton" (one hand-written kernel for per-token scales: quant.act_quant_triton).
+    """
+
+    fast_accum: bool = False
+    act_quant: str = "eager"
+
+    def __post_init__(self) -> None:
+        if self.act_quant not in ACT_QUANTIZERS:
+            raise ValueError(f"Fp8MatmulOptions.act_quant={self.act_quant!r} is not allowed; choose one of: "
+                             f"{', '.join(ACT_QUANTIZERS)}")
+
+
+_options = Fp8MatmulOptions()
+
+
+def set_fp8_matmul_options(options: Fp8MatmulOptions) -> Fp8MatmulOptions:
+    """Use `options` for every fp8 GEMM in this process from now on; returns the previous options."""
+    global _options
+    if not isinstance(options, Fp8MatmulOptions):
+        raise TypeError(f"set_fp8_matmul_options takes an Fp8MatmulOptions, not {type(options).__name__}")
+    previous, _options = _options, options
+    return previous
+
+
+def fp8_matmul_options() -> Fp8MatmulOptions:
+    return _options
 
 
 def scaled_mm_unsupported_reason(x: torch.Tensor, w_fp8: torch.Tensor, w_scale: torch.Tensor, act_scaling: str) -> str | None:
@@ -160,7 +229,7 @@ def prepare_scaled_mm(
 ) -> ScaledMMArgs:
     """Quantize the activation and lay out the operands the way `torch._scaled_mm` requires."""
     m, n = x2d.shape[0], w_fp8.shape[0]
-    a, scale_a = quantize_activation(x2d, act_scaling)
+    a, scale_a = ACT_QUANTIZERS[_options.act_quant]()(x2d, act_scaling)
     w_scale = w_scale.to(device=x2d.device, dtype=torch.float32)
     if w_scale.numel() == 1 and scale_a.numel() == 1 and act_scaling == "per_tensor":
         # Tensor-wise x tensor-wise: cuBLAS, any of bf16/fp16/fp32 out.
@@ -185,14 +254,16 @@ def run_scaled_mm(args: ScaledMMArgs) -> torch.Tensor:
 
 def linear_fp8(
     x: torch.Tensor, w_fp8: torch.Tensor, w_scale: torch.Tensor, bias: torch.Tensor | None,
-    out_dtype: torch.dtype, act_scaling: str = "per_token", fast_accum: bool = False,
+    out_dtype: torch.dtype, act_scaling: str = "per_token", fast_accum: bool | None = None,
 ) -> torch.Tensor:
-    """fp8 GEMM for x [..., K]; a call the GEMM cannot take falls back to dequant (logged at debug)."""
+    """fp8 GEMM for x [..., K]; a call the GEMM cannot take falls back to dequant (logged at debug).
+    `fast_accum` None: the process-wide Fp8MatmulOptions.fast_accum."""
     reason = scaled_mm_unsupported_reason(x, w_fp8, w_scale, act_scaling)
     if reason is not None:
         log.debug("fp8 matmul not usable for this call (%s); dequantizing", reason)
         return linear_dequant(x, w_fp8, w_scale, bias, out_dtype)
     x2d = x.reshape(-1, x.shape[-1])
+    fast_accum = _options.fast_accum if fast_accum is None else fast_accum
     args = prepare_scaled_mm(x2d, w_fp8, w_scale, bias, out_dtype, act_scaling, fast_accum)
     out = run_scaled_mm(args)
     if bias is not None and args.bias is None:

@@ -46,7 +46,9 @@ def scale_from_amax(amax_: torch.Tensor, fmt: str | Fp8Format) -> torch.Tensor:
     tensor([1., 1.])
     """
     amax_ = amax_.float()
-    scale = amax_ / fp8_format(fmt).max_finite
+    # A tensor divisor, not a Python number: CUDA turns `t / number` into `t * (1 / number)`, which is
+    # one ulp off for some amax values, and the GPU quantizer must give the CPU's bytes.
+    scale = amax_ / torch.full_like(amax_, fp8_format(fmt).max_finite)
     return torch.where(amax_ > 0, scale.clamp(min=_TINY), torch.ones_like(scale))
 
 

@@ -89,7 +89,7 @@ class StrictScaledMM:
         if bias is not None:
             assert out_dtype in (torch.bfloat16, torch.float16) and bias.dtype == out_dtype and bias.numel() == n
         self.calls.append({"m": m, "k": k, "n": n, "tensorwise": tensorwise, "bias": bias is not None,
-                           "out_dtype": out_dtype})
+                           "out_dtype": out_dtype, "fast_accum": use_fast_accum})
         y = (a.double() * scale_a.double()) @ (b.double() * scale_b.double())
         if bias is not None:
             y = y + bias.double()
@@ -169,6 +169,73 @@ def test_real_scaled_mm_on_this_build_agrees():
     except (RuntimeError, NotImplementedError) as e:
         pytest.skip(f"this torch build has no CPU _scaled_mm: {e}")
     assert _rel(y, _reference(x, q, s)) < 0.05
+
+
+def _old_quantize_activation(x2d, act_scaling):
+    """The first formulation (six passes): the fewer-pass one must give the same bytes and scales."""
+    amax = x2d.abs().amax(dim=1, keepdim=True).float() if act_scaling == "per_token" else x2d.abs().amax().float()
+    scale = (amax / 448.0).clamp(min=torch.finfo(torch.float32).tiny)
+    return (x2d.float() / scale).clamp_(-448.0, 448.0).to(E4M3).contiguous(), scale
+
+
+_DEVICES = ["cpu", pytest.param("cuda", marks=[pytest.mark.gpu, pytest.mark.skipif(
+    not torch.cuda.is_available(), reason="needs a CUDA device")])]
+
+
+@pytest.mark.parametrize("device", _DEVICES)
+@pytest.mark.parametrize("act_scaling", ["per_token", "per_tensor"])
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])
+def test_activation_quantization_equals_the_clamped_formula(act_scaling, dtype, device):
+    g = torch.Generator().manual_seed(1)
+    # Rows from 1e-30 to 1e4 in magnitude, a zero row, and exact powers of two at the row maxima.
+    x = torch.randn(64, 96, generator=g) * torch.logspace(-30, 4, 64)[:, None]
+    x[5] = 0
+    x[7, 3] = 2.0 ** 10
+    x = x.to(dtype).to(device)
+    a, s = mm.quantize_activation(x, act_scaling)
+    a_ref, s_ref = _old_quantize_activation(x, act_scaling)
+    assert torch.equal(a.view(torch.uint8), a_ref.view(torch.uint8)) and torch.equal(s, s_ref)
+    assert a.is_contiguous() and not torch.isnan(a.float()).any()
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device (and triton)")
+def test_triton_activation_quantization_is_within_one_fp8_step_of_eager():
+    """The fused kernel divides with Triton's fp32 division; at most a rounding tie may fall the other way."""
+    quantize_activation_triton = mm.ACT_QUANTIZERS["triton"]()
+    g = torch.Generator().manual_seed(2)
+    for k in (64, 3072, 15360):
+        x = (torch.randn(37, k, generator=g) * torch.logspace(-3, 3, 37)[:, None]).to(torch.bfloat16).cuda()
+        a, s = quantize_activation_triton(x, "per_token")
+        a_ref, s_ref = mm.quantize_activation(x, "per_token")
+        torch.testing.assert_close(s, s_ref, rtol=2e-7, atol=0)
+        diff = (a.float() - a_ref.float()).abs() / a_ref.float().abs().clamp(min=2 ** -9)
+        assert diff.max().item() <= 0.125 and (a.view(torch.uint8) != a_ref.view(torch.uint8)).float().mean() < 1e-3
+
+
+def test_activation_quantization_refuses_an_unknown_scaling():
+    with pytest.raises(ValueError, match="per_token, per_tensor"):
+        mm.quantize_activation(torch.randn(2, 16), "per_row")
+
+
+def test_options_switch_fast_accum_process_wide_and_restore(strict_mm):
+    q, s = _weight()
+    x = torch.randn(4, 64).to(torch.bfloat16)
+    previous = mm.set_fp8_matmul_options(mm.Fp8MatmulOptions(fast_accum=True))
+    try:
+        fp8_linear(x, q, s, mode="fp8")
+    finally:
+        assert mm.set_fp8_matmul_options(previous).fast_accum is True
+    fp8_linear(x, q, s, mode="fp8")
+    assert [c["fast_accum"] for c in strict_mm.calls] == [True, False]
+    assert mm.fp8_matmul_options() == mm.Fp8MatmulOptions()
+
+
+def test_options_are_validated():
+    with pytest.raises(ValueError, match="act_quant='cuda_graph' is not allowed; choose one of: eager, compiled, triton"):
+        mm.Fp8MatmulOptions(act_quant="cuda_graph")
+    with pytest.raises(TypeError, match="Fp8MatmulOptions"):
+        mm.set_fp8_matmul_options({"fast_accum": True})
 
 
 # ---------------------------------------------------------------------------------------------

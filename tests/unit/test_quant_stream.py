@@ -187,6 +187,23 @@ def test_own_format_round_trip_and_version_check(tmp_path):
         quantize_file(str(tmp_path / "v9.safetensors"), CFG)
 
 
+def test_own_files_fp8_weights_are_not_read_again_but_other_fp8_files_are(tmp_path):
+    """Our files were checked before saving; reading their 12 GB again would make a reload slower than
+    ComfyUI's. The same bytes in a plain fp8 file are checked, and our scales still are."""
+    q, s = quantize_weight(_weights()["final"], "e4m3fn", "per_channel")
+    q.view(torch.uint8)[3, 4] = 0x7F  # e4m3fn NaN
+    own = str(tmp_path / "own.safetensors")
+    save_quantized({"final.weight": q, "final.weight_scale": s}, own, CFG, source="x")
+    res = quantize_file(own, CFG)
+    assert res.fp8_source == ("final.weight",) and res.state_dict["final.weight"].view(torch.uint8)[3, 4] == 0x7F
+    with pytest.raises(NonFiniteWeightError, match=r"final\.weight contains NaN or inf values \(first in row 3\)"):
+        quantize_file(_write(tmp_path / "plain.safetensors", {"final.weight": q}), CFG)
+    s[2] = float("inf")
+    save_quantized({"final.weight": q, "final.weight_scale": s}, own, CFG, source="x")
+    with pytest.raises(NonFiniteWeightError, match=r"final\.weight_scale"):
+        quantize_file(own, CFG)
+
+
 def test_prefix_reads_only_the_diffusion_model_of_an_all_in_one_checkpoint(tmp_path):
     w = _weights()
     t = {f"model.diffusion_model.{k}.weight": v.to(E4M3) for k, v in w.items()}
@@ -247,6 +264,24 @@ def test_nan_or_inf_names_the_tensor_and_row(tmp_path, where):
     path = _write(tmp_path / "nan.safetensors", t)
     with pytest.raises(NonFiniteWeightError, match=r"blocks\.0\.proj\.weight contains NaN or inf values \(first in row 5\)"):
         quantize_file(path, CFG)
+
+
+@pytest.mark.parametrize("dtype,bad_values", [
+    (torch.float8_e4m3fn, [float("nan"), -float("nan")]),
+    (torch.float8_e5m2, [float("inf"), -float("inf"), float("nan")]),
+    (torch.bfloat16, [float("inf"), -float("inf"), float("nan")]),
+])
+def test_finite_check_finds_every_non_finite_pattern_and_only_those(monkeypatch, dtype, bad_values):
+    monkeypatch.setattr(stream, "BLOCK_ELEMS", 64)  # several row blocks of 8 rows
+    # Every finite value of the format, the largest magnitudes included, passes.
+    finite = torch.arange(256, dtype=torch.uint8).view(dtype) if dtype != torch.bfloat16 else torch.randn(256).bfloat16()
+    finite = finite[torch.isfinite(finite.float())].reshape(-1, 2)
+    stream._check_finite(finite, "w", "f.safetensors")
+    for v in bad_values:
+        t = finite.clone()
+        t[13, 1] = torch.tensor(v).to(dtype)
+        with pytest.raises(NonFiniteWeightError, match=r"f\.safetensors: tensor w contains NaN or inf values \(first in row 13\)"):
+            stream._check_finite(t, "w", "f.safetensors")
 
 
 def test_nan_in_a_passed_on_tensor_is_named_too(tmp_path):

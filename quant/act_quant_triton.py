@@ -1,0 +1,61 @@
+"""Per-token fp8 activation quantization in one Triton kernel (an experiment: Fp8MatmulOptions(act_quant="triton")).
+
+quant.matmul.quantize_activation takes three PyTorch kernels (amax, divide into fp32, cast): about
+13 bytes of memory traffic per element. This kernel gives each token (row of x [M, K]) one program:
+it reads the row for its amax, reads it again (from cache) to scale and cast, and writes the fp8 row
+and the scale: 3 bytes per element. Imported only when asked for; needs the `triton` package (Linux
+with CUDA). Per-tensor scaling and non-CUDA tensors go to the PyTorch version.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import torch
+import triton
+import triton.language as tl
+
+from .matmul import quantize_activation
+
+# Globals a Triton kernel reads must be constexpr objects.
+_E4M3_MAX = tl.constexpr(448.0)
+_TINY = tl.constexpr(1.1754943508222875e-38)  # smallest normal fp32: an all-zero row gets a finite scale
+_MAX_BLOCK_K = 4096
+
+
+@triton.jit
+def _per_token_e4m3_kernel(x_ptr, a_ptr, s_ptr, K, stride_xm, BLOCK_K: tl.constexpr):
+    row = tl.program_id(0).to(tl.int64)
+    x_row = x_ptr + row * stride_xm
+    a_row = a_ptr + row * K
+    offs = tl.arange(0, BLOCK_K)
+    acc = tl.zeros([BLOCK_K], dtype=tl.float32)
+    for k0 in range(0, K, BLOCK_K):
+        x = tl.load(x_row + k0 + offs, mask=k0 + offs < K, other=0.0).to(tl.float32)
+        acc = tl.maximum(acc, tl.abs(x))
+    scale = tl.maximum(tl.max(acc, axis=0) / _E4M3_MAX, _TINY)
+    tl.store(s_ptr + row, scale)
+    for k0 in range(0, K, BLOCK_K):
+        mask = k0 + offs < K
+        x = tl.load(x_row + k0 + offs, mask=mask, other=0.0).to(tl.float32)
+        tl.store(a_row + k0 + offs, (x / scale).to(tl.float8e4nv), mask=mask)
+
+
+@functools.lru_cache(maxsize=None)
+def _launch_config(k: int) -> tuple[int, int]:
+    block = min(_MAX_BLOCK_K, triton.next_power_of_2(k))
+    return block, 8 if block >= 2048 else 4
+
+
+def quantize_activation_triton(x2d: torch.Tensor, act_scaling: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """Same contract as quant.matmul.quantize_activation: (a [M, K] e4m3fn, scale fp32 [M, 1])."""
+    if act_scaling != "per_token" or x2d.device.type != "cuda" or x2d.numel() == 0:
+        return quantize_activation(x2d, act_scaling)
+    if x2d.stride(1) != 1:
+        x2d = x2d.contiguous()
+    m, k = x2d.shape
+    a = torch.empty((m, k), dtype=torch.float8_e4m3fn, device=x2d.device)
+    scale = torch.empty((m, 1), dtype=torch.float32, device=x2d.device)
+    block, warps = _launch_config(k)
+    _per_token_e4m3_kernel[(m,)](x2d, a, scale, k, x2d.stride(0), BLOCK_K=block, num_warps=warps)
+    return a, scale
