@@ -7,12 +7,15 @@ once it does its whole job. Each is imported through `_node`, so a node whose mo
 the rest of the pack still loads.
 """
 import importlib
+import importlib.util
 import logging
 
 _log = logging.getLogger("lowvram")
 
 
 def _node(module: str, name: str):
+    if importlib.util.find_spec("comfy") is None:
+        return None  # imported outside ComfyUI (e.g. by a test runner walking packages): nothing to register
     try:
         return getattr(importlib.import_module(f".nodes.{module}", __name__), name)
     except Exception as e:  # noqa: BLE001  (any import-time failure must not take the pack down)
@@ -43,6 +46,7 @@ NODE_CLASS_MAPPINGS = {
     "NewBieTextEncode": _node("newbie_text_encode", "NewBieTextEncode"),
     "NewBieXMLPrompt": _node("newbie_xml_prompt", "NewBieXMLPrompt"),
     "NewBieDiTLoader": _node("newbie_dit_loader", "NewBieDiTLoader"),
+    "VRAMGuard": _node("vram_guard", "VRAMGuard"),
 }
 NODE_DISPLAY_NAME_MAPPINGS = {
     "Float8DiTLoader": "Float8 DiT Loader (LowVRAM)",
@@ -53,6 +57,7 @@ NODE_DISPLAY_NAME_MAPPINGS = {
     "NewBieTextEncode": "NewBie Text Encode (LowVRAM)",
     "NewBieXMLPrompt": "NewBie XML Prompt (LowVRAM)",
     "NewBieDiTLoader": "NewBie DiT Loader (LowVRAM)",
+    "VRAMGuard": "VRAM Guard (LowVRAM)",
 }
 
 __all__ = ["NODE_CLASS_MAPPINGS", "NODE_DISPLAY_NAME_MAPPINGS"]

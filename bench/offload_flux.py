@@ -28,12 +28,14 @@ from .results import RESULTS_DIR, device_environment, write_json
 PINNED_H2D = 55.6e9  # bytes/s, the anchor machine's pinned host->device bandwidth (benchmarking.md)
 
 
-def core_rows(model: Path, rows: Path, budgets: list[str], steps: int, smoke: bool) -> None:
+def core_rows(model: Path, rows: Path, budgets: list[str], steps: int, smoke: bool, modes: list[str]) -> None:
     """ComfyUI core in its own processes (flags differ), appending JSON lines to `rows`."""
     plans = [("bf16", "default", [], ["unlimited"] + ([] if smoke else ["12"])),
              ("fp8", "fp8_e4m3fn", [], budgets),
              ("fp8_fast", "fp8_e4m3fn_fast", ["--fast", "fp8_matrix_mult"], budgets)]
     for mode, dtype, flags, mode_budgets in plans:
+        if mode not in modes:
+            mode_budgets = mode_budgets[:1] if mode == "bf16" else []  # the 1.00 reference is always measured
         if not mode_budgets:
             continue
         cmd = [sys.executable, "-m", "bench.comfy_core_flux", "--model", str(model), "--weight-dtype", dtype,
@@ -42,8 +44,9 @@ def core_rows(model: Path, rows: Path, budgets: list[str], steps: int, smoke: bo
         subprocess.run(cmd + ["--"] + flags + (["--cpu"] if smoke else []), check=False)
 
 
-def ours(model_path: str, rows_path: str, budgets: list[str], steps: int, smoke: bool) -> None:
-    """Our rows, in this process: load once per weight kind, stream at each budget."""
+def ours(model_path: str, rows_path: str, budgets: list[str], steps: int, smoke: bool, act_quants: list[str]) -> None:
+    """Our rows, in this process: load once per weight kind, stream at each budget (and each activation
+    quantizer of quant.matmul.Fp8MatmulOptions)."""
     import torch
 
     comfy_args, mm, comfy_sample, _fp, _nodes = import_comfy(os.environ["COMFYUI_PATH"], ["--cpu"] if smoke else [])
@@ -77,11 +80,21 @@ def ours(model_path: str, rows_path: str, budgets: list[str], steps: int, smoke:
         emit(row)
         print(f"[offload] {mode} {budget}: {row.get('s_per_it')} s/it, peak {row.get('peak_gib')}", flush=True)
 
+    from lowvram_kit.quant.matmul import Fp8MatmulOptions, set_fp8_matmul_options
+
     t0 = time.perf_counter()
     fp8, report = loading.load_fp8_model(model_path, loading.Fp8LoadConfig(QuantConfig(compute="fp8")))
     emit({"kind": "load", "what": "ours_fp8", "seconds": time.perf_counter() - t0, "report": report.text()})
-    for budget in ["unlimited"] + budgets:
-        run(fp8, "ours_fp8_stream", budget)
+    for act_quant in act_quants:
+        set_fp8_matmul_options(Fp8MatmulOptions(act_quant=act_quant))
+        suffix = "" if act_quant == "eager" else f"_{act_quant}"
+        for budget in ["unlimited"] + budgets:
+            try:
+                run(fp8, f"ours_fp8_stream{suffix}", budget)
+            except Exception as e:  # noqa: BLE001  (an experimental quantizer must not end the run)
+                emit({"kind": "skip", "mode": f"ours_fp8_stream{suffix}", "budget": budget, "error": repr(e)[:500]})
+                break
+    set_fp8_matmul_options(Fp8MatmulOptions())
     del fp8
     mm.unload_all_models()
     import comfy.sd
@@ -113,11 +126,15 @@ def main(argv=None) -> int:
     ap.add_argument("--steps", type=int, default=5)
     ap.add_argument("--models-dir", default=None)
     ap.add_argument("--out-dir", default=str(RESULTS_DIR))
+    ap.add_argument("--core", default="bf16,fp8,fp8_fast", help="ComfyUI core modes to measure (bf16 "
+                    "resident, the reference, always)")
+    ap.add_argument("--act-quant", default="eager", help="activation quantizers for our fp8 rows: eager, "
+                    "compiled, triton (comma list)")
     ap.add_argument("--ours", nargs=2, metavar=("MODEL", "ROWS"), help=argparse.SUPPRESS)
     a = ap.parse_args(argv)
     budgets = [] if a.smoke else a.budgets.split(",")
     if a.ours:
-        ours(a.ours[0], a.ours[1], budgets, a.steps, a.smoke)
+        ours(a.ours[0], a.ours[1], budgets, a.steps, a.smoke, a.act_quant.split(","))
         return 0
     size = "tiny" if a.smoke else "full"
     from harness.synthetic.cache import default_models_dir
@@ -128,9 +145,10 @@ def main(argv=None) -> int:
     out_dir.mkdir(parents=True, exist_ok=True)
     stamp = time.strftime("%Y-%m-%dT%H%M")
     rows_file = out_dir / f"offload_flux_rows_{stamp}.jsonl"
-    core_rows(model, rows_file, budgets, a.steps, a.smoke)
+    core_rows(model, rows_file, budgets, a.steps, a.smoke, a.core.split(","))
     subprocess.run([sys.executable, "-m", "bench.offload_flux", "--ours", str(model), str(rows_file),
-                    "--steps", str(a.steps), "--budgets", a.budgets] + (["--smoke"] if a.smoke else []), check=False)
+                    "--steps", str(a.steps), "--budgets", a.budgets, "--act-quant", a.act_quant]
+                   + (["--smoke"] if a.smoke else []), check=False)
     rows = [json.loads(x) for x in rows_file.read_text().splitlines() if x.strip()]
     import torch
 

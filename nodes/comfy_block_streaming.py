@@ -29,6 +29,8 @@ import comfy.patcher_extension
 from comfy.patcher_extension import CallbacksMP, WrappersMP
 
 from ..offload import OffloadConfig, offload_blocks
+from ..offload.api import plan_for
+from ..offload.packing import block_nbytes
 from .model_families import family_of_model
 
 log = logging.getLogger("lowvram")
@@ -89,13 +91,15 @@ class BlockStreamingSession:
         # counted (they may be needed again); the streamer's planner subtracts activations and margin.
         return comfy.model_management.get_free_memory(device)
 
-    def attach(self, patcher, device, x_shape) -> None:
+    def attach(self, patcher, device, x_shape, seconds_per_block=None) -> None:
         activation_bytes = int(patcher.model.memory_required(list(x_shape)))
         config = OffloadConfig(budget_bytes=max(1, self.budget_bytes(device, activation_bytes)),
                                chunk_size=self.settings.chunk_size, prefetch=self.settings.prefetch,
                                pin_memory=self.settings.pin_memory)
+        self.config, self.activation_bytes = config, activation_bytes
         self.apply_weight_patches(patcher.patches)
-        self.streamer = offload_blocks(self.blocks, config, device, activation_bytes=activation_bytes)
+        self.streamer = offload_blocks(self.blocks, config, device, activation_bytes=activation_bytes,
+                                       seconds_per_block=seconds_per_block)
         patcher.model.model_loaded_weight_memory += self.streamer.device_bytes
         self.attached_for = weakref.ref(patcher)
         self.plan_text = self.streamer.plan.describe()
@@ -147,12 +151,31 @@ class BlockStreamingSession:
 
     # ---- wrappers ------------------------------------------------------------------------------------
     def apply_model_wrapper(self, executor, x, *args, **kwargs):
-        if self.streamer is None:
-            # The patcher running now may be a later clone of ours (a LoRA loader after this node): its
-            # patches are the ones to apply. ComfyUI sets BaseModel.current_patcher before sampling.
-            patcher = getattr(executor.class_obj, "current_patcher", None) or self.patcher
-            self.attach(patcher, x.device, x.shape)
-        return executor(x, *args, **kwargs)
+        if self.streamer is not None:
+            return executor(x, *args, **kwargs)
+        # The patcher running now may be a later clone of ours (a LoRA loader after this node): its
+        # patches are the ones to apply. ComfyUI sets BaseModel.current_patcher before sampling.
+        patcher = getattr(executor.class_obj, "current_patcher", None) or self.patcher
+        self.attach(patcher, x.device, x.shape)
+        if x.device.type != "cuda":
+            return executor(x, *args, **kwargs)
+        # First step after a load: time every block's compute, then plan again knowing it. Without
+        # compute times the planner assumes transfers dominate and keeps a resident prefix; with them it
+        # can spread resident blocks so that copies keep flowing while they compute.
+        with BlockTimer(self.blocks) as timer:
+            out = executor(x, *args, **kwargs)
+        self.replan(patcher, x, timer.seconds())
+        return out
+
+    def replan(self, patcher, x, seconds_per_block) -> None:
+        if seconds_per_block is None or self.streamer is None:
+            return
+        old = self.streamer.plan
+        new = plan_for(self.config, block_nbytes(self.blocks), self.activation_bytes, seconds_per_block)
+        if (new.groups, new.resident, new.prefetch) == (old.groups, old.resident, old.prefetch):
+            return
+        self.detach("re-planning with measured compute times")
+        self.attach(patcher, x.device, x.shape, seconds_per_block=seconds_per_block)
 
     def outer_sample_wrapper(self, executor, *args, **kwargs):
         try:
@@ -162,6 +185,34 @@ class BlockStreamingSession:
             # next prompt attaches again from a clean state.
             self.detach("sampling stopped by an error or a cancel")
             raise
+
+
+class BlockTimer:
+    """CUDA events around each block's compute for one pass. Registered after the streamer's hooks, so a
+    block's start event is queued after its wait for the copy: the times are compute only."""
+
+    def __init__(self, blocks):
+        self.blocks, self.handles, self.events = blocks, [], []
+
+    def __enter__(self):
+        for block in self.blocks:
+            pair = [torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)]
+            self.events.append(pair)
+            self.handles.append(block.register_forward_pre_hook(lambda m, a, p=pair: p[0].record()))
+            self.handles.append(block.register_forward_hook(lambda m, a, o, p=pair: p[1].record()))
+        return self
+
+    def __exit__(self, *exc):
+        for h in self.handles:
+            h.remove()
+
+    def seconds(self) -> list[float] | None:
+        """Per-block seconds, or None if a block did not run in the pass (nothing to re-plan with)."""
+        torch.cuda.synchronize()
+        try:
+            return [start.elapsed_time(end) / 1000.0 for start, end in self.events]
+        except RuntimeError:  # an event never recorded: that block was not called
+            return None
 
 
 def stream_blocks(model, settings: StreamingSettings):

@@ -232,7 +232,7 @@ def test_options_switch_fast_accum_process_wide_and_restore(strict_mm):
 
 
 def test_options_are_validated():
-    with pytest.raises(ValueError, match="act_quant='cuda_graph' is not allowed; choose one of: eager, compiled, triton"):
+    with pytest.raises(ValueError, match="act_quant='cuda_graph' is not allowed; choose one of: auto, eager, compiled, triton"):
         mm.Fp8MatmulOptions(act_quant="cuda_graph")
     with pytest.raises(TypeError, match="Fp8MatmulOptions"):
         mm.set_fp8_matmul_options({"fast_accum": True})
