@@ -320,6 +320,8 @@ def main(argv: list[str] | None = None) -> int:
     fault_family = a.fault_family or ("sdxl" if "sdxl" in fams else fams[-1])
     if fault_family not in fams:
         ap.error(f"--fault-family {fault_family} is not among --families {fams}")
+    # the fault family first: its fault and repeat runs must not be cut by --minutes; Flux (largest) last
+    fams = [fault_family] + [x for x in fams if x != fault_family]
     faults = a.faults if a.faults is not None else (2 if a.smoke else 50)
     repeat = a.repeat if a.repeat is not None else (3 if a.smoke else 100)
     size_name, dev_name = ("tiny", "cpu") if a.smoke else ("full", "cuda")
@@ -361,9 +363,11 @@ def main(argv: list[str] | None = None) -> int:
                 if time.perf_counter() <= deadline:
                     rows.append(decode_row(pack, mm, vae, fam, side, batch, device))
         del vae
-        if fam == fault_family and time.perf_counter() <= deadline:
+        if fam == fault_family:
             rows.append(fault_runs(pack, mm, model, fam, faults, min(sizes), device))
             rows.append(repeat_runs(pack, mm, model, fam, repeat, min(sizes), device))
+            print(f"[bench] {fam}: {rows[-2]['equal']}/{faults} fault runs equal, memory growth over {repeat} "
+                  f"prompts {rows[-1]['growth_mib']:+.1f} MiB ({time.perf_counter() - t_start:.0f} s)", flush=True)
         del model
         clean(mm)
     summary = print_table(rows)
