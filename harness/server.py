@@ -118,7 +118,7 @@ class ComfyServer:
             yaml = write_model_paths_yaml(self.base_dir / "extra_model_paths.yaml", cfg.models_dirs)
             cmd += ["--extra-model-paths-config", str(yaml)]
         if cfg.front_end_root:
-            cmd += ["--front-end-root", str(cfg.front_end_root)]
+            cmd += ["--front-end-root", str(Path(cfg.front_end_root).resolve())]  # ComfyUI runs in its own cwd
         return cmd + list(cfg.extra_args)
 
     def start(self) -> None:

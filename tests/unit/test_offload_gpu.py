@@ -17,9 +17,15 @@ CUDA = torch.device("cuda")
 
 
 def _blocks():
-    from test_offload_streamer import make_blocks  # the CPU tests' toy blocks (fp8 + scale, bf16, fp32)
+    # The CPU tests' toy blocks (fp8 + scale, bf16, fp32). Loaded by path: pytest runs in importlib mode,
+    # where test modules are not importable by bare name.
+    import importlib.util
+    from pathlib import Path
 
-    return make_blocks(8)
+    spec = importlib.util.spec_from_file_location("_offload_streamer_toys", Path(__file__).with_name("test_offload_streamer.py"))
+    toys = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(toys)
+    return toys.make_blocks(8)
 
 
 def _run(blocks, x):
