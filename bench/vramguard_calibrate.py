@@ -26,7 +26,7 @@ import subprocess
 import sys
 import tempfile
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import torch
@@ -179,10 +179,10 @@ def decode_row(pack, mm, vae, fam: str, side: int, batch: int, device) -> dict:
     return row
 
 
-def fault_runs(pack, mm, model, fam: str, runs: int, side: int, device, seed: int = 7) -> dict:
-    """OOM at a random model call of a 4-step run, `runs` times; outputs must equal the uninjected one."""
+def fault_runs(pack, mm, model, fam: str, runs: int, side: int, device, steps: int = 4, seed: int = 7) -> dict:
+    """OOM at a random model call of a `steps`-step run, `runs` times; outputs must equal the uninjected one."""
     from comfy.patcher_extension import WrappersMP
-    f, steps, rng = FAMILIES[fam], 4, random.Random(seed)
+    f, rng = FAMILIES[fam], random.Random(seed)
     cuda = device.type == "cuda"
     calls_per_run = steps        # one model call per euler step (cond and uncond go as one batch)
     clean(mm)
@@ -217,7 +217,7 @@ def fault_runs(pack, mm, model, fam: str, runs: int, side: int, device, seed: in
             "real_oom": cuda, "seconds": time.perf_counter() - t0, "ok": equal == runs and retried == runs}
 
 
-def repeat_runs(pack, mm, model, fam: str, prompts: int, side: int, device) -> dict:
+def repeat_runs(pack, mm, model, fam: str, prompts: int, side: int, device, steps: int = 2) -> dict:
     """Prompts in a row with the guard (report on, an OOM every 10th): allocated memory must not grow."""
     cuda = device.type == "cuda"
 
@@ -235,7 +235,7 @@ def repeat_runs(pack, mm, model, fam: str, prompts: int, side: int, device) -> d
             from comfy.patcher_extension import WrappersMP
             g = g.clone()
             g.add_wrapper_with_key(WrappersMP.APPLY_MODEL, "bench_inject", _raise_once())
-        sample(g, FAMILIES[fam], side, 1, 2, seed=i % 3)
+        sample(g, FAMILIES[fam], side, 1, steps, seed=i % 3)
         session.run.finish("finished")
         if i == 0:
             first = allocated()
@@ -300,7 +300,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--families", default=",".join(FAMILIES))
     ap.add_argument("--sizes", default=None, help="px list (default 512,1024,1536; smoke 64)")
     ap.add_argument("--batches", default=None, help="default 1,2,4; smoke 1,2")
-    ap.add_argument("--steps", type=int, default=2)
+    ap.add_argument("--steps", type=int, default=None, help="steps per sampling row (default 2; smoke 1)")
     ap.add_argument("--faults", type=int, default=None, help="fault-injection runs (default 50; smoke 2)")
     ap.add_argument("--repeat", type=int, default=None, help="prompts in a row (default 100; smoke 3)")
     ap.add_argument("--fault-family", default=None, help="family of the fault and repeat runs (default sdxl, "
@@ -323,6 +323,11 @@ def main(argv: list[str] | None = None) -> int:
     # the fault family first: its fault and repeat runs must not be cut by --minutes; Flux (largest) last
     fams = [fault_family] + [x for x in fams if x != fault_family]
     faults = a.faults if a.faults is not None else (2 if a.smoke else 50)
+    a.steps = a.steps or (1 if a.smoke else 2)
+    if a.smoke:   # short prompts: NewBie's 512 caption tokens would dominate a 64-px image on the CPU
+        FAMILIES.update({k: replace(v, text=(min(v.text[0], 16), v.text[1])) for k, v in FAMILIES.items()})
+    if a.steps < 1:
+        ap.error("--steps must be >= 1")
     repeat = a.repeat if a.repeat is not None else (3 if a.smoke else 100)
     size_name, dev_name = ("tiny", "cpu") if a.smoke else ("full", "cuda")
     models_dir = Path(a.models_dir) if a.models_dir else REPO_ROOT / ".cache" / "models" / f"synthetic-{size_name}"
@@ -364,8 +369,8 @@ def main(argv: list[str] | None = None) -> int:
                     rows.append(decode_row(pack, mm, vae, fam, side, batch, device))
         del vae
         if fam == fault_family:
-            rows.append(fault_runs(pack, mm, model, fam, faults, min(sizes), device))
-            rows.append(repeat_runs(pack, mm, model, fam, repeat, min(sizes), device))
+            rows.append(fault_runs(pack, mm, model, fam, faults, min(sizes), device, steps=2 if a.smoke else 4))
+            rows.append(repeat_runs(pack, mm, model, fam, repeat, min(sizes), device, steps=a.steps))
             print(f"[bench] {fam}: {rows[-2]['equal']}/{faults} fault runs equal, memory growth over {repeat} "
                   f"prompts {rows[-1]['growth_mib']:+.1f} MiB ({time.perf_counter() - t_start:.0f} s)", flush=True)
         del model

@@ -58,12 +58,17 @@ def required_model_files(api: dict) -> list[tuple[str, str]]:
                    if k in MODEL_WIDGETS and isinstance(v, str)})
 
 
-def ensure_synthetic(files: list[tuple[str, str]], size: str, device: str) -> None:
+def ensure_synthetic(files: list[tuple[str, str]], size: str, device: str, models_dir: Path | None = None) -> None:
+    """Write the synthetic stand-in of each file (cached). A file with no stand-in (a LoRA) must already be in
+    models_dir (the default models dir of `size` when None)."""
     from . import synthetic
 
     by_file = {(e.folder, e.filename): e.name for e in synthetic.REGISTRY.values()}
+    root = Path(models_dir) if models_dir else default_models_dir(size)
     for folder, filename in files:
         name = by_file.get((folder, filename))
+        if name is None and any((root / sub / filename).is_file() for sub in MODEL_FOLDERS[folder]):
+            continue
         if name is None:
             raise MainError(f"the workflow needs {folder}/{filename}, which has no synthetic stand-in; "
                             "run it with --models pointing at a folder that holds the real file")
@@ -84,6 +89,15 @@ def apply_overrides(api: dict, overrides: dict) -> None:
         for key, value in overrides.items():
             if key in node["inputs"] and not isinstance(node["inputs"][key], list):
                 node["inputs"][key] = value
+
+
+def prepare_tiny(api: dict, overrides: dict, device: str = "cpu") -> list[str]:
+    """Make a converted workflow runnable on tiny synthetic models (in place): write the models it names,
+    swap core text-encoder loaders for the test loader, scale it down. Returns the node ids swapped."""
+    ensure_synthetic(required_model_files(api), "tiny", device)
+    swapped = use_tiny_text_encoders(api)
+    apply_overrides(api, overrides)
+    return swapped
 
 
 def run(args: argparse.Namespace) -> dict:
@@ -116,7 +130,7 @@ def run(args: argparse.Namespace) -> dict:
             if args.models:
                 check_real_models(files, models_dir)
             else:  # ComfyUI re-lists a model folder when it changes, so files made now are seen
-                ensure_synthetic(files, size, "cuda" if on_gpu else "cpu")
+                ensure_synthetic(files, size, "cuda" if on_gpu else "cpu", models_dir)
                 report["synthetic_size"] = size
             if tiny:  # tiny text encoders need a loader that passes their shrunken config
                 report["tiny_text_encoder_loaders"] = use_tiny_text_encoders(api)
@@ -134,7 +148,7 @@ def run(args: argparse.Namespace) -> dict:
                 report["prompt_s"] = round(time.monotonic() - t0, 2)
                 time.sleep(0.3)  # let the last websocket events arrive
                 report["stages_s"] = {k: round(v, 2) for k, v in listener.stage_times(api).items()}
-                images = _collect_images(entry, base / "output", out_dir)
+                images = collect_images(entry, base / "output", out_dir)
         report["peak_memory"] = {"kind": peak.kind, "peak_gib": round(peak.peak_bytes / 2**30, 3),
                                  "baseline_gib": round(peak.baseline_bytes / 2**30, 3)}
         report["images"] = [str(p) for p in images]
@@ -155,7 +169,7 @@ def _print_progress(data: dict) -> None:
         print(flush=True)
 
 
-def _collect_images(entry: dict, server_output: Path, out_dir: Path) -> list[Path]:
+def collect_images(entry: dict, server_output: Path, out_dir: Path) -> list[Path]:
     saved = []
     for node_out in entry.get("outputs", {}).values():
         for img in node_out.get("images", []):

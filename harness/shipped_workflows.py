@@ -118,7 +118,193 @@ def newbie_16gb() -> GraphSpec:
     ], notes=[("Read me", note, (40, 760))])
 
 
-WORKFLOWS = {"sdxl_24gb": sdxl_24gb, "flux_dev_24gb": flux_dev_24gb, "newbie_16gb": newbie_16gb}
+# --- Tiered variants (issue #8). Settings from bench/: Float8DiTLoader (fp8, per-channel, compute auto) ->
+# ChunkedOffloadUNet (budget 0 = auto) -> sampler, LazyVAEDecode (tiling auto) below 24 GB; the H200 runs
+# capped the budget to simulate smaller cards, so the figures are relative, not a consumer card's timings.
+BENCH = "bench/results/offload_flux_nvidia-h200_2026-11-21T0718.json"
+MEASURED = (f"Measured on an H200 with the VRAM budget capped to simulate a smaller card ({BENCH}): Flux-dev fp8 "
+            "+ ChunkedOffloadUNet took 0.84x / 0.88x / 1.02x / 1.23x the time of resident bf16 at 12 / 8 / 6 / 4 "
+            "GiB, peak always under the budget (ComfyUI's own fp8 at those budgets: 1.23 / 1.41 / 1.47 / 1.70x); "
+            "LazyVAEDecode's tiled 1024x1024 Flux AE decode peaked at 0.91 GiB (ComfyUI: 11.9 GiB). A consumer "
+            "card's PCIe link is slower than an H200's, so streaming costs more there than these ratios show.")
+STREAM_NOTE = ("ChunkedOffloadUNet (vram_budget_gb 0 = auto: what is free when sampling starts, less the "
+               "activations and a margin) keeps what fits on the GPU and streams the other blocks from pinned "
+               "host memory, copies overlapped with compute; LazyVAEDecode keeps the VAE off the GPU until it "
+               "runs and decodes in tiles when a full decode would not fit.")
+ZIMAGE = "https://huggingface.co/Comfy-Org/z_image_turbo/resolve/main/split_files"
+ZIMAGE_DIT = {"name": "z_image_turbo_bf16.safetensors", "directory": "diffusion_models",
+              "url": f"{ZIMAGE}/diffusion_models/z_image_turbo_bf16.safetensors"}
+QWEN3_4B = {"name": "qwen_3_4b.safetensors", "directory": "text_encoders",
+            "url": f"{ZIMAGE}/text_encoders/qwen_3_4b.safetensors"}
+ZIMAGE_AE = {**FLUX_AE, "url": f"{ZIMAGE}/vae/ae.safetensors"}
+ZIMAGE_LORA = "z_image_turbo_example_lora.safetensors"
+FLUX_FILES = ("Models: `flux1-dev.safetensors` (23.8 GB, bf16) in `models/diffusion_models/`; `clip_l.safetensors` "
+              "and `t5xxl_fp16.safetensors` in `models/text_encoders/`; `ae.safetensors` in `models/vae/`.")
+# Card tier -> what the note says about it (the nearest measured budget: auto leaves ~2-4 GiB for the rest).
+FLUX_TIER_BASIS = {16: "a 16 GB card gives auto about 12 GiB: the 0.84x point",
+                   12: "a 12 GB card gives auto about 8 GiB: the 0.88x point",
+                   8: "an 8 GB card gives auto about 4-6 GiB: the 1.02x-1.23x points; needs 32 GB of system RAM "
+                      "(T5-XXL fp16 and the streamed blocks live there)"}
+
+
+def flux_dev_streamed(tier: int) -> GraphSpec:
+    note = (f"## Flux.1-dev on a {tier} GB card\n\n{FLUX_FILES}\n\nFloat8DiTLoader quantizes the bf16 file to "
+            f"fp8 with per-channel scales while it loads (11.1 GiB, more than the card can hold with "
+            f"activations). {STREAM_NOTE} ComfyUI moves the text encoders to system RAM after encoding.\n\n"
+            f"{MEASURED} Here {FLUX_TIER_BASIS[tier]}.\n\n1024x1024, 20 steps, euler/simple, guidance 3.5.")
+    return GraphSpec(nodes=[
+        NodeSpec(1, "Float8DiTLoader", {"model_name": FLUX_DEV["name"]}, properties={"models": [FLUX_DEV]},
+                 size=(340, 200)),
+        NodeSpec(2, "ChunkedOffloadUNet", {"vram_budget_gb": 0.0}, links={"model": (1, 0)}, size=(340, 160)),
+        NodeSpec(3, "DualCLIPLoader", {"clip_name1": CLIP_L["name"], "clip_name2": T5XXL["name"], "type": "flux"},
+                 properties={"models": [CLIP_L, T5XXL]}),
+        NodeSpec(4, "CLIPTextEncode", {"text": POSITIVE}, links={"clip": (3, 0)}, title="Prompt", size=(400, 160)),
+        NodeSpec(5, "FluxGuidance", {"guidance": 3.5}, links={"conditioning": (4, 0)}),
+        NodeSpec(6, "ConditioningZeroOut", links={"conditioning": (4, 0)}, title="Negative (unused at CFG 1)"),
+        NodeSpec(7, "EmptySD3LatentImage", {"width": 1024, "height": 1024, "batch_size": 1}),
+        NodeSpec(8, "KSampler", {"seed": 42, "steps": 20, "cfg": 1.0, "sampler_name": "euler", "scheduler": "simple",
+                                 "denoise": 1.0},
+                 links={"model": (2, 0), "positive": (5, 0), "negative": (6, 0), "latent_image": (7, 0)}),
+        NodeSpec(9, "VAELoader", {"vae_name": FLUX_AE["name"]}, properties={"models": [FLUX_AE]}),
+        NodeSpec(10, "LazyVAEDecode", {"tiling": "auto"}, links={"samples": (8, 0), "vae": (9, 0)}, size=(340, 160)),
+        NodeSpec(11, "SaveImage", {"filename_prefix": "lowvram_flux"}, links={"images": (10, 0)}),
+    ], notes=[("Read me", note, (40, 760))])
+
+
+def sdxl_lazy_decode(tier: int) -> GraphSpec:
+    note = (f"## SDXL on a {tier} GB card\n\nModel: `sd_xl_base_1.0.safetensors` (6.9 GB) in `models/checkpoints/`."
+            f"\n\nThe UNet (5.1 GB fp16) fits a {tier} GB card resident; the peak is the VAE decode at 1024x1024, "
+            "so LazyVAEDecode replaces VAEDecode: it keeps the VAE off the GPU until it runs, decodes in tiles "
+            "when a full decode would not fit (tiling auto) and frees the VAE afterwards. Measured on an H200 "
+            f"({BENCH} and the vae_attention results): a tiled 1024x1024 decode peaked at 0.91 GiB where "
+            "ComfyUI's VAEDecode took 11.9 GiB (Flux AE; the SDXL VAE has the same decoder widths)."
+            "\n\n1024x1024, 25 steps, euler, CFG 6.")
+    return GraphSpec(nodes=[
+        NodeSpec(1, "CheckpointLoaderSimple", {"ckpt_name": SDXL_CKPT["name"]}, properties={"models": [SDXL_CKPT]}),
+        NodeSpec(2, "CLIPTextEncode", {"text": POSITIVE}, links={"clip": (1, 1)}, title="Positive", size=(400, 160)),
+        NodeSpec(3, "CLIPTextEncode", {"text": NEGATIVE}, links={"clip": (1, 1)}, title="Negative", size=(400, 160)),
+        NodeSpec(4, "EmptyLatentImage", {"width": 1024, "height": 1024, "batch_size": 1}),
+        NodeSpec(5, "KSampler", {"seed": 42, "steps": 25, "cfg": 6.0, "sampler_name": "euler", "scheduler": "normal",
+                                 "denoise": 1.0},
+                 links={"model": (1, 0), "positive": (2, 0), "negative": (3, 0), "latent_image": (4, 0)}),
+        NodeSpec(6, "LazyVAEDecode", {"tiling": "auto"}, links={"samples": (5, 0), "vae": (1, 2)}, size=(340, 160)),
+        NodeSpec(7, "SaveImage", {"filename_prefix": "lowvram_sdxl"}, links={"images": (6, 0)}),
+    ], notes=[("Read me", note, (40, 700))])
+
+
+def _newbie_nodes(dit: NodeSpec, te_format: str, model_out: tuple, decode: NodeSpec, extra=()) -> list:
+    return [dit, *extra,
+            NodeSpec(3, "NewBieTextEncoderLoader", {"gemma_name": NEWBIE_GEMMA, "jina_name": NEWBIE_JINA,
+                                                    "weight_format": te_format}, size=(340, 160)),
+            NodeSpec(4, "NewBieXMLPrompt", {"character_1_name": "hatsune miku", "character_1_gender": "1girl",
+                                            "character_1_appearance": "long twintails, aqua hair, aqua eyes, smile",
+                                            "style": "anime", "background": "city street at night, neon lights",
+                                            "quality": "masterpiece, best quality"}, size=(360, 520)),
+            NodeSpec(5, "NewBieTextEncode", {"system_prompt": "high_quality"}, links={"clip": (3, 0), "text": (4, 0)},
+                     title="Positive", size=(400, 160)),
+            NodeSpec(6, "NewBieTextEncode", {"text": NEWBIE_NEGATIVE, "system_prompt": "high_quality"},
+                     links={"clip": (3, 0)}, title="Negative", size=(400, 160)),
+            NodeSpec(7, "EmptySD3LatentImage", {"width": 1024, "height": 1024, "batch_size": 1}),
+            NodeSpec(8, "KSampler", {"seed": 42, "steps": 24, "cfg": 4.5, "sampler_name": "euler",
+                                     "scheduler": "simple", "denoise": 1.0},
+                     links={"model": model_out, "positive": (5, 0), "negative": (6, 0), "latent_image": (7, 0)}),
+            NodeSpec(9, "VAELoader", {"vae_name": FLUX_AE["name"]}, properties={"models": [FLUX_AE]}),
+            decode,
+            NodeSpec(11, "SaveImage", {"filename_prefix": "lowvram_newbie"}, links={"images": (10, 0)})]
+
+
+NEWBIE_FILES = ("Models: `NewBie-Image-Exp0.1.safetensors` (7.0 GB bf16: NewBie-AI/NewBie-image-Exp0.1's "
+                "`transformer/diffusion_pytorch_model.safetensors`, renamed) in `models/diffusion_models/`; "
+                "`gemma_3_4b_it_bf16.safetensors` (7.8 GB) and `jina_clip_v2_bf16.safetensors` (1.1 GB), ComfyUI "
+                "repacks with their tokenizers inside (woctordho/comfyui-gemma-3-4b-it, "
+                "woctordho/comfyui-jina-clip-v2), in `models/text_encoders/`; Flux `ae.safetensors` in `models/vae/`.")
+NEWBIE_SAMPLING = "Flow matching, shift 6 (ModelSamplingAuraFlow), 24 steps, euler, CFG 4.5."
+
+
+def newbie_12gb() -> GraphSpec:
+    note = ("## NewBie-image Exp0.1 on a 12 GB card\n\n" + NEWBIE_FILES + "\n\nFloat8DiTLoader loads the DiT as "
+            "fp8 with per-channel scales (3.5 GB, Jina pooled path included) and NewBieTextEncoderLoader loads "
+            f"Gemma-3-4B-it and Jina CLIP v2 as fp8 (about 5.4 GB). {STREAM_NOTE} With CFG the DiT runs twice "
+            f"per step, so 1024x1024 activations need the headroom.\n\n{MEASURED}\n\n{NEWBIE_SAMPLING}")
+    dit = NodeSpec(1, "Float8DiTLoader", {"model_name": NEWBIE_DIT["name"]}, properties={"models": [NEWBIE_DIT]},
+                   size=(340, 200))
+    extra = (NodeSpec(2, "ModelSamplingAuraFlow", {"shift": 6.0}, links={"model": (1, 0)}),
+             NodeSpec(12, "ChunkedOffloadUNet", {"vram_budget_gb": 0.0}, links={"model": (2, 0)}, size=(340, 160)))
+    decode = NodeSpec(10, "LazyVAEDecode", {"tiling": "auto"}, links={"samples": (8, 0), "vae": (9, 0)},
+                      size=(340, 160))
+    return GraphSpec(nodes=_newbie_nodes(dit, "fp8", (12, 0), decode, extra), notes=[("Read me", note, (40, 760))])
+
+
+def newbie_24gb() -> GraphSpec:
+    note = ("## NewBie-image Exp0.1 on a 24 GB card\n\n" + NEWBIE_FILES + "\n\nEverything fits a 24 GB card in "
+            "bf16: NewBieDiTLoader loads the DiT (7.0 GB) with NewBie's Jina pooled path, which ComfyUI 0.3.x "
+            "drops; NewBieTextEncoderLoader loads both text encoders at their file precision (8.9 GB), and "
+            "ComfyUI moves them off the GPU after encoding. The 12 and 16 GB variants use fp8 weights.\n\n"
+            + NEWBIE_SAMPLING)
+    dit = NodeSpec(1, "NewBieDiTLoader", {"unet_name": NEWBIE_DIT["name"]}, properties={"models": [NEWBIE_DIT]})
+    extra = (NodeSpec(2, "ModelSamplingAuraFlow", {"shift": 6.0}, links={"model": (1, 0)}),)
+    decode = NodeSpec(10, "VAEDecode", links={"samples": (8, 0), "vae": (9, 0)})
+    return GraphSpec(nodes=_newbie_nodes(dit, "default", (2, 0), decode, extra), notes=[("Read me", note, (40, 760))])
+
+
+ZIMAGE_FILES = ("Models (Comfy-Org/z_image_turbo): `z_image_turbo_bf16.safetensors` (12.3 GB) in "
+                "`models/diffusion_models/`; `qwen_3_4b.safetensors` (8.0 GB) in `models/text_encoders/`; "
+                "`ae.safetensors` (the Flux AE) in `models/vae/`.")
+ZIMAGE_SAMPLING = "Turbo: 8 steps, CFG 1 (no negative prompt), euler/simple, shift 3 (ModelSamplingAuraFlow)."
+ZIMAGE_TIER = {
+    24: ("Float8DiTLoader quantizes the DiT to fp8 with per-channel scales while it loads (6.2 GB) and computes "
+         "with fp8 matmul where the GPU has it; the DiT stays resident, ComfyUI moves Qwen3-4B (8.0 GB) off the "
+         "GPU after encoding."),
+    16: ("Float8DiTLoader loads the DiT as fp8 (6.2 GB). A LoRA is applied on top (LoraLoaderModelOnly): put "
+         f"yours in `models/loras/` and pick it (the file name `{ZIMAGE_LORA}` is a placeholder; LoRAs trained "
+         f"for Z-Image-Turbo in ComfyUI or diffusers key layout load). {STREAM_NOTE}"),
+    12: f"Float8DiTLoader loads the DiT as fp8 (6.2 GB). {STREAM_NOTE}",
+}
+
+
+def z_image_turbo(tier: int) -> GraphSpec:
+    lora = tier == 16
+    note = (f"## Z-Image-Turbo on a {tier} GB card{' with a LoRA' if lora else ''}\n\n{ZIMAGE_FILES}\n\n"
+            f"{ZIMAGE_TIER[tier]}" + ("" if tier == 24 else f"\n\n{MEASURED}") + f"\n\n1024x1024. {ZIMAGE_SAMPLING}")
+    nodes = [NodeSpec(1, "Float8DiTLoader", {"model_name": ZIMAGE_DIT["name"]}, properties={"models": [ZIMAGE_DIT]},
+                      size=(340, 200))]
+    model = (1, 0)
+    if lora:
+        nodes.append(NodeSpec(12, "LoraLoaderModelOnly", {"lora_name": ZIMAGE_LORA, "strength_model": 0.8},
+                              links={"model": model}, title="LoRA (pick yours)"))
+        model = (12, 0)
+    nodes.append(NodeSpec(2, "ModelSamplingAuraFlow", {"shift": 3.0}, links={"model": model}))
+    model = (2, 0)
+    if tier < 24:
+        nodes.append(NodeSpec(13, "ChunkedOffloadUNet", {"vram_budget_gb": 0.0}, links={"model": model},
+                              size=(340, 160)))
+        model = (13, 0)
+    decode = ("VAEDecode", {}) if tier == 24 else ("LazyVAEDecode", {"tiling": "auto"})
+    nodes += [
+        NodeSpec(3, "CLIPLoader", {"clip_name": QWEN3_4B["name"], "type": "lumina2"},
+                 properties={"models": [QWEN3_4B]}),
+        NodeSpec(4, "CLIPTextEncode", {"text": POSITIVE}, links={"clip": (3, 0)}, title="Prompt", size=(400, 160)),
+        NodeSpec(5, "ConditioningZeroOut", links={"conditioning": (4, 0)}, title="Negative (unused at CFG 1)"),
+        NodeSpec(6, "EmptySD3LatentImage", {"width": 1024, "height": 1024, "batch_size": 1}),
+        NodeSpec(7, "KSampler", {"seed": 42, "steps": 8, "cfg": 1.0, "sampler_name": "euler", "scheduler": "simple",
+                                 "denoise": 1.0},
+                 links={"model": model, "positive": (4, 0), "negative": (5, 0), "latent_image": (6, 0)}),
+        NodeSpec(8, "VAELoader", {"vae_name": ZIMAGE_AE["name"]}, properties={"models": [ZIMAGE_AE]}),
+        NodeSpec(9, decode[0], decode[1], links={"samples": (7, 0), "vae": (8, 0)}, size=(340, 160)),
+        NodeSpec(10, "SaveImage", {"filename_prefix": "lowvram_zimage"}, links={"images": (9, 0)}),
+    ]
+    return GraphSpec(nodes=nodes, notes=[("Read me", note, (40, 760))])
+
+
+# File stem -> builder. Names are forever once shipped (users' links and the README point at them).
+WORKFLOWS = {
+    "sdxl_24gb": sdxl_24gb, "sdxl_16gb": lambda: sdxl_lazy_decode(16), "sdxl_12gb": lambda: sdxl_lazy_decode(12),
+    "flux_dev_24gb": flux_dev_24gb, "flux_dev_16gb": lambda: flux_dev_streamed(16),
+    "flux_dev_12gb": lambda: flux_dev_streamed(12), "flux_dev_8gb": lambda: flux_dev_streamed(8),
+    "newbie_24gb": newbie_24gb, "newbie_16gb": newbie_16gb, "newbie_12gb": newbie_12gb,
+    "z_image_turbo_24gb": lambda: z_image_turbo(24), "z_image_turbo_16gb": lambda: z_image_turbo(16),
+    "z_image_turbo_12gb": lambda: z_image_turbo(12),
+}
 
 
 def main() -> int:

@@ -68,4 +68,12 @@ if [ ! -f "$stamp" ] || [ "$(cat "$stamp")" != "$want" ]; then
   echo "$want" > "$stamp"
 fi
 say "venv: $venv"
+
+# --- 3. Chromium for the frontend test (tests/integration/test_frontend_loads_workflows.py) ------------------
+# Playwright cannot download its own browsers here; the test drives Debian's chromium. Optional: only as root
+# with apt-get, never fatal (the test skips without it).
+if ! command -v chromium >/dev/null 2>&1 && [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then
+  say "installing chromium (apt-get) for the frontend test"
+  apt-get install -y -q chromium >/dev/null 2>&1 || say "could not install chromium; the frontend test will skip"
+fi
 echo "$comfy"
