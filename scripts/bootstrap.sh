@@ -74,6 +74,7 @@ say "venv: $venv"
 # with apt-get, never fatal (the test skips without it).
 if ! command -v chromium >/dev/null 2>&1 && [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then
   say "installing chromium (apt-get) for the frontend test"
-  apt-get install -y -q chromium >/dev/null 2>&1 || say "could not install chromium; the frontend test will skip"
+  { apt-get update -q >/dev/null 2>&1; apt-get install -y -q chromium >/dev/null 2>&1; } ||
+    say "could not install chromium; the frontend test will skip"
 fi
 echo "$comfy"
