@@ -54,11 +54,14 @@ PROFILES: dict[str, Profile] = {
     "flux": Profile(FLUX_BYTES_PER_TOKEN, 0.25, True, 256,
                     "bench/results/comfy_core_flux_anchor_nvidia-h200_2026-11-21T0611.json (1024 px, batch 1)",
                     calibrated_on_gpu=True),
-    # NewBie: CPU +1814 MiB fp32 at batch 2, L=4608 (models.md 4.2) -> bf16 half, x GPU/CPU.
-    "newbie": Profile(1814 * MiB / 2 / (2 * 4608) * GPU_OVER_CPU, 0.25, True, 512,
-                      "models.md 4.2 CPU measurement x Flux GPU/CPU ratio (not yet measured on a GPU)"),
-    "lumina2": Profile(1814 * MiB / 2 / (2 * 4608) * GPU_OVER_CPU, 0.25, True, 512,
-                       "as NewBie (same Next-DiT width; models.md 4.2), not yet measured on a GPU"),
+    # NewBie: measured on an H200 (bench/results/vramguard_calibration_nvidia-h200_2026-11-21T0750.json):
+    # NVML peak minus bf16 weights and the reserve is 0.148-0.182 GiB per 1000 tokens (batch x cfg x
+    # (image + 512 text tokens)) from 512 to 1536 px, batch 1 to 4; 0.175 fits every row within 4%.
+    "newbie": Profile(0.175 * GiB / 1000, 0.25, True, 512,
+                      "bench/results/vramguard_calibration_nvidia-h200_2026-11-21T0750.json (512-1536 px, "
+                      "batch 1-4)", calibrated_on_gpu=True),
+    "lumina2": Profile(0.175 * GiB / 1000, 0.25, True, 512,
+                       "as NewBie (same Next-DiT width), not measured on a GPU itself"),
     # Z-Image: 0.3-0.5 GiB bf16 at batch 1, L ~ 4400 (models.md 4.2 arithmetic).
     "z-image": Profile(0.4 * GiB / 4400 * GPU_OVER_CPU, 0.25, True, 256,
                        "models.md 4.2 arithmetic (0.3-0.5 GiB at 1024 px), not yet measured on a GPU"),
@@ -75,8 +78,12 @@ RESERVE_OFFLOADED = int(0.87 * GiB)
 # fp8 storage, bf16 compute: allocated above the weights is 0.57 GiB vs 0.42 for bf16 (anchor), i.e.
 # 1.2 x the largest layer (single_blocks.*.linear1, 21504 x 3072) in bf16.
 CAST_COPIES = 1.2
-# VAE decode (Flux AE / SDXL VAE, 8x): +2.11 GiB bf16 at 1024x1024 on the CPU (models.md 4.3), x GPU/CPU.
-VAE_BYTES_PER_OUT_PX = 2.11 * GiB / (1024 * 1024) * GPU_OVER_CPU
+# VAE decode (Flux AE / SDXL VAE, 8x), measured on an H200 (bench/results/vramguard_calibration_nvidia-h200_
+# 2026-11-21T0750.json): one bf16 1024x1024 decode peaked at 3.24 GiB, of which 2.62 GiB above the weights,
+# the fp32 output and the reserve; the CPU figure of models.md 4.3 (2.11 GiB x GPU/CPU) under-predicted by
+# 31-42%. With this constant the GPU rows (0.26-9.4 MP per call, both VAEs) are predicted within 10%,
+# except the smallest call (512x512: 1.27 predicted for 0.93 GiB, on the safe side).
+VAE_BYTES_PER_OUT_PX = (3.24 - 0.618) * GiB / (1024 * 1024)
 VAE_PARAMS = 83_819_683
 MIN_TILE_PX = 256
 
@@ -84,7 +91,7 @@ CALIBRATION = {
     "activations": {f: p.source for f, p in PROFILES.items()},
     "reserve": "bench/results/comfy_core_flux_anchor_nvidia-h200_2026-11-21T0611.json (NVML - torch allocated)",
     "cast_copies": "same file: fp8 rows vs bf16 rows, allocated above loaded weights",
-    "vae_decode": "models.md 4.3 CPU measurement x GPU/CPU ratio (not yet measured on a GPU)",
+    "vae_decode": "bench/results/vramguard_calibration_nvidia-h200_2026-11-21T0750.json (1024 px, batch 1)",
     "unknown_models": "Flux's bytes per token scaled by sqrt(parameters / Flux's), tokens = latent px / 4",
 }
 

@@ -155,8 +155,8 @@ def test_decode_batches_by_memory_then_tiles():
     d = P.decide(w, lambda cap: p, settings(), 8 * GiB)
     assert d.verdict == "fits" and d.plan.tile_px == 0, d.text     # the decoder takes one image per call
     d = P.decide(w, lambda cap: p, settings(), 3.5 * GiB)
-    assert d.verdict == "adapted" and d.plan.batch_chunk == 1 and d.plan.tile_px == 1280, d.text
-    assert d.estimate.decode_bytes <= 3.5 * GiB and "tiled VAE decode at 1280 px" in d.text
+    assert d.verdict == "adapted" and d.plan.batch_chunk == 1 and d.plan.tile_px == 1024, d.text
+    assert d.estimate.decode_bytes <= 3.5 * GiB and "tiled VAE decode at 1024 px" in d.text
 
 
 def test_adapt_that_cannot_fit_runs_the_smallest_plan_and_says_so():
