@@ -5,28 +5,15 @@ The module is loaded from its file: the repo's `nodes` package name collides wit
 """
 import copy
 import doctest
-import importlib.util
 import logging
 import math
-import sys
-from pathlib import Path
 
 import pytest
 import torch
 
-REPO = Path(__file__).resolve().parents[2]
+from harness.pure_nodes import pure_node
 
-
-def _load(name: str, rel: str):
-    if name not in sys.modules:
-        spec = importlib.util.spec_from_file_location(name, REPO / rel)
-        mod = importlib.util.module_from_spec(spec)
-        sys.modules[name] = mod
-        spec.loader.exec_module(mod)
-    return sys.modules[name]
-
-
-A = _load("lowvram_pure_attention", "nodes/_attention_backends.py")
+A = pure_node("_attention_backends")
 NOT_INSTALLED = staticmethod(lambda pkg: None)
 
 

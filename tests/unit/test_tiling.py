@@ -3,26 +3,13 @@
 The module is loaded from its file: the repo's `nodes` package name collides with ComfyUI's nodes.py.
 """
 import doctest
-import importlib.util
-import sys
-from pathlib import Path
 
 import pytest
 import torch
 
-REPO = Path(__file__).resolve().parents[2]
+from harness.pure_nodes import pure_node
 
-
-def _load(name: str, rel: str):
-    if name not in sys.modules:
-        spec = importlib.util.spec_from_file_location(name, REPO / rel)
-        mod = importlib.util.module_from_spec(spec)
-        sys.modules[name] = mod
-        spec.loader.exec_module(mod)
-    return sys.modules[name]
-
-
-T = _load("lowvram_pure_tiling", "nodes/_tiling.py")
+T = pure_node("_tiling")
 GiB = T.GiB
 FLUX_BPP = 2178 * 2          # ComfyUI's KL-VAE estimate in bf16: bytes per output pixel
 FLUX_WEIGHTS = 168 << 20

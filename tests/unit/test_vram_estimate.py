@@ -5,27 +5,15 @@ The pure modules are loaded as a package from nodes/ without running the pack (t
 collides with ComfyUI's nodes.py, and the pack's __init__ needs ComfyUI).
 """
 import doctest
-import importlib
-import importlib.util
 import json
-import sys
 from pathlib import Path
 
 import pytest
 
+from harness.pure_nodes import pure_node as pure
+
 REPO = Path(__file__).resolve().parents[2]
 ANCHOR = REPO / "bench" / "results" / "comfy_core_flux_anchor_nvidia-h200_2026-11-21T0611.json"
-
-
-def pure(name: str):
-    pkg = "lowvram_pure_nodes"
-    if pkg not in sys.modules:
-        spec = importlib.util.spec_from_file_location(pkg, REPO / "nodes" / "__init__.py",
-                                                      submodule_search_locations=[str(REPO / "nodes")])
-        mod = importlib.util.module_from_spec(spec)
-        sys.modules[pkg] = mod
-        spec.loader.exec_module(mod)
-    return importlib.import_module(f"{pkg}.{name}")
 
 
 E = pure("_vram_estimate")

@@ -1,28 +1,14 @@
 """VRAMGuard's monitor, readers, report and registry (nodes/_vram_monitor.py, _vram_report.py,
 _vram_registry.py): sampling at <= 10 ms with stage peaks, the NVML -> torch -> host RAM fallbacks with
 their notes, the JSON/text/PNG report, and the no-op registry."""
-import importlib
-import importlib.util
 import json
 import sys
 import time
 import types
-from pathlib import Path
 
 import pytest
 
-REPO = Path(__file__).resolve().parents[2]
-
-
-def pure(name: str):
-    pkg = "lowvram_pure_nodes"
-    if pkg not in sys.modules:
-        spec = importlib.util.spec_from_file_location(pkg, REPO / "nodes" / "__init__.py",
-                                                      submodule_search_locations=[str(REPO / "nodes")])
-        mod = importlib.util.module_from_spec(spec)
-        sys.modules[pkg] = mod
-        spec.loader.exec_module(mod)
-    return importlib.import_module(f"{pkg}.{name}")
+from harness.pure_nodes import pure_node as pure
 
 
 M, R, REG = pure("_vram_monitor"), pure("_vram_report"), pure("_vram_registry")

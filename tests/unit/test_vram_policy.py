@@ -2,25 +2,10 @@
 fail_fast with their messages, and the out-of-memory ladder. Placements are simple stand-ins for what the
 adapter computes: a GPU model ComfyUI can offload down to nothing, a streamed model with a floor, the CPU.
 """
-import importlib
-import importlib.util
-import sys
-from pathlib import Path
 
 import pytest
 
-REPO = Path(__file__).resolve().parents[2]
-
-
-def pure(name: str):
-    pkg = "lowvram_pure_nodes"
-    if pkg not in sys.modules:
-        spec = importlib.util.spec_from_file_location(pkg, REPO / "nodes" / "__init__.py",
-                                                      submodule_search_locations=[str(REPO / "nodes")])
-        mod = importlib.util.module_from_spec(spec)
-        sys.modules[pkg] = mod
-        spec.loader.exec_module(mod)
-    return importlib.import_module(f"{pkg}.{name}")
+from harness.pure_nodes import pure_node as pure
 
 
 E, P = pure("_vram_estimate"), pure("_vram_policy")
