@@ -7,6 +7,7 @@ The fp8 tensors are handed to the model without a copy, so host RAM holds one fp
 """
 from __future__ import annotations
 
+import dataclasses
 import importlib
 import logging
 import os
@@ -97,7 +98,10 @@ def load_fp8_model(path: str, cfg: Fp8LoadConfig):
     family, prefix = inspect_file(path)
     patterns = parse_layer_patterns(cfg.high_precision_layers, family)
     qf = _quantize_file(path, cfg.quant, keep_filter(patterns), prefix)
-    quant_cfg = qf.file_config or cfg.quant
+    # A saved copy fixes how its weights were quantized (format, granularity); how to compute with them is
+    # still the user's choice on this machine.
+    quant_cfg = cfg.quant if qf.file_config is None else dataclasses.replace(
+        qf.file_config, compute=cfg.quant.compute, act_scaling=cfg.quant.act_scaling)
     saved = None
     if cfg.save_copy_to and qf.layout != "lowvram":
         save_quantized(qf.state_dict, cfg.save_copy_to, quant_cfg, source_fingerprint(path))
