@@ -32,12 +32,41 @@ POSITIVE = "a lighthouse on a cliff at dusk, volumetric light, detailed, 35mm ph
 NEGATIVE = "blurry, low quality, watermark"
 
 
-def sdxl_24gb() -> GraphSpec:
-    note = ("## SDXL on a 24 GB card\n\nModel: `sd_xl_base_1.0.safetensors` (6.9 GB) in `models/checkpoints/`.\n\n"
-            "SDXL's UNet (5.1 GB fp16), both CLIPs and the VAE fit a 24 GB card resident, so this graph uses "
-            "ComfyUI's own nodes only; the 12 and 16 GB variants use the LowVRAM Kit nodes.\n\n"
-            "1024x1024, 25 steps, euler, CFG 6.")
-    return GraphSpec(nodes=[
+def _flux_nodes(streamed: bool) -> list:
+    """Flux-dev text-to-image: Float8DiTLoader, optionally ChunkedOffloadUNet (node 2, the rest shift by one)
+    and LazyVAEDecode instead of VAEDecode."""
+    o = 1 if streamed else 0
+    decode = (NodeSpec(9 + o, "LazyVAEDecode", {"tiling": "auto"}, links={"samples": (7 + o, 0), "vae": (8 + o, 0)},
+                       size=(340, 160)) if streamed
+              else NodeSpec(9, "VAEDecode", links={"samples": (7, 0), "vae": (8, 0)}))
+    stream = [NodeSpec(2, "ChunkedOffloadUNet", {"vram_budget_gb": 0.0}, links={"model": (1, 0)}, size=(340, 160))]
+    return [
+        NodeSpec(1, "Float8DiTLoader", {"model_name": FLUX_DEV["name"]}, properties={"models": [FLUX_DEV]},
+                 size=(340, 200)),
+        *(stream if streamed else []),
+        NodeSpec(2 + o, "DualCLIPLoader", {"clip_name1": CLIP_L["name"], "clip_name2": T5XXL["name"],
+                                           "type": "flux"}, properties={"models": [CLIP_L, T5XXL]}),
+        NodeSpec(3 + o, "CLIPTextEncode", {"text": POSITIVE}, links={"clip": (2 + o, 0)}, title="Prompt",
+                 size=(400, 160)),
+        NodeSpec(4 + o, "FluxGuidance", {"guidance": 3.5}, links={"conditioning": (3 + o, 0)}),
+        NodeSpec(5 + o, "ConditioningZeroOut", links={"conditioning": (3 + o, 0)}, title="Negative (unused at CFG 1)"),
+        NodeSpec(6 + o, "EmptySD3LatentImage", {"width": 1024, "height": 1024, "batch_size": 1}),
+        NodeSpec(7 + o, "KSampler", {"seed": 42, "steps": 20, "cfg": 1.0, "sampler_name": "euler",
+                                     "scheduler": "simple", "denoise": 1.0},
+                 links={"model": (1 + o, 0), "positive": (4 + o, 0), "negative": (5 + o, 0),
+                        "latent_image": (6 + o, 0)}),
+        NodeSpec(8 + o, "VAELoader", {"vae_name": FLUX_AE["name"]}, properties={"models": [FLUX_AE]}),
+        decode,
+        NodeSpec(10 + o, "SaveImage", {"filename_prefix": "lowvram_flux"}, links={"images": (9 + o, 0)}),
+    ]
+
+
+def _sdxl_nodes(decode_type: str) -> list:
+    """SDXL all-in-one checkpoint text-to-image; `decode_type` is VAEDecode or LazyVAEDecode."""
+    decode = (NodeSpec(6, "LazyVAEDecode", {"tiling": "auto"}, links={"samples": (5, 0), "vae": (1, 2)},
+                       size=(340, 160)) if decode_type == "LazyVAEDecode"
+              else NodeSpec(6, "VAEDecode", links={"samples": (5, 0), "vae": (1, 2)}))
+    return [
         NodeSpec(1, "CheckpointLoaderSimple", {"ckpt_name": SDXL_CKPT["name"]}, properties={"models": [SDXL_CKPT]}),
         NodeSpec(2, "CLIPTextEncode", {"text": POSITIVE}, links={"clip": (1, 1)}, title="Positive", size=(400, 160)),
         NodeSpec(3, "CLIPTextEncode", {"text": NEGATIVE}, links={"clip": (1, 1)}, title="Negative", size=(400, 160)),
@@ -45,9 +74,17 @@ def sdxl_24gb() -> GraphSpec:
         NodeSpec(5, "KSampler", {"seed": 42, "steps": 25, "cfg": 6.0, "sampler_name": "euler", "scheduler": "normal",
                                  "denoise": 1.0},
                  links={"model": (1, 0), "positive": (2, 0), "negative": (3, 0), "latent_image": (4, 0)}),
-        NodeSpec(6, "VAEDecode", links={"samples": (5, 0), "vae": (1, 2)}),
+        decode,
         NodeSpec(7, "SaveImage", {"filename_prefix": "lowvram_sdxl"}, links={"images": (6, 0)}),
-    ], notes=[("Read me", note, (40, 700))])
+    ]
+
+
+def sdxl_24gb() -> GraphSpec:
+    note = ("## SDXL on a 24 GB card\n\nModel: `sd_xl_base_1.0.safetensors` (6.9 GB) in `models/checkpoints/`.\n\n"
+            "SDXL's UNet (5.1 GB fp16), both CLIPs and the VAE fit a 24 GB card resident, so this graph uses "
+            "ComfyUI's own nodes only; the 12 and 16 GB variants use the LowVRAM Kit nodes.\n\n"
+            "1024x1024, 25 steps, euler, CFG 6.")
+    return GraphSpec(nodes=_sdxl_nodes("VAEDecode"), notes=[("Read me", note, (40, 700))])
 
 
 def flux_dev_24gb() -> GraphSpec:
@@ -58,22 +95,7 @@ def flux_dev_24gb() -> GraphSpec:
             "resident) and computes with fp8 matmul on RTX 40xx / H100 and newer; the whole model stays on a "
             "24 GB card. Tick save_quantized_copy once to write an fp8 copy that loads faster.\n\n"
             "1024x1024, 20 steps, euler/simple, guidance 3.5.")
-    return GraphSpec(nodes=[
-        NodeSpec(1, "Float8DiTLoader", {"model_name": FLUX_DEV["name"]}, properties={"models": [FLUX_DEV]},
-                 size=(340, 200)),
-        NodeSpec(2, "DualCLIPLoader", {"clip_name1": CLIP_L["name"], "clip_name2": T5XXL["name"], "type": "flux"},
-                 properties={"models": [CLIP_L, T5XXL]}),
-        NodeSpec(3, "CLIPTextEncode", {"text": POSITIVE}, links={"clip": (2, 0)}, title="Prompt", size=(400, 160)),
-        NodeSpec(4, "FluxGuidance", {"guidance": 3.5}, links={"conditioning": (3, 0)}),
-        NodeSpec(5, "ConditioningZeroOut", links={"conditioning": (3, 0)}, title="Negative (unused at CFG 1)"),
-        NodeSpec(6, "EmptySD3LatentImage", {"width": 1024, "height": 1024, "batch_size": 1}),
-        NodeSpec(7, "KSampler", {"seed": 42, "steps": 20, "cfg": 1.0, "sampler_name": "euler", "scheduler": "simple",
-                                 "denoise": 1.0},
-                 links={"model": (1, 0), "positive": (4, 0), "negative": (5, 0), "latent_image": (6, 0)}),
-        NodeSpec(8, "VAELoader", {"vae_name": FLUX_AE["name"]}, properties={"models": [FLUX_AE]}),
-        NodeSpec(9, "VAEDecode", links={"samples": (7, 0), "vae": (8, 0)}),
-        NodeSpec(10, "SaveImage", {"filename_prefix": "lowvram_flux"}, links={"images": (9, 0)}),
-    ], notes=[("Read me", note, (40, 760))])
+    return GraphSpec(nodes=_flux_nodes(streamed=False), notes=[("Read me", note, (40, 760))])
 
 
 NEWBIE_DIT = {"name": "NewBie-Image-Exp0.1.safetensors", "directory": "diffusion_models",
@@ -94,28 +116,11 @@ def newbie_16gb() -> GraphSpec:
             "Jina CLIP v2 as fp8 too (about 5.4 GB together, embeddings kept bf16), so text encoders, DiT and VAE "
             "fit 16 GB with room for 1024x1024. With 24 GB set weight_format to default.\n\nFlow matching, shift 6 "
             "(ModelSamplingAuraFlow), 24 steps, euler, CFG 4.5 (model card: CFG 4-5, 18-28 steps).")
-    return GraphSpec(nodes=[
-        NodeSpec(1, "Float8DiTLoader", {"model_name": NEWBIE_DIT["name"]}, properties={"models": [NEWBIE_DIT]},
-                 size=(340, 200)),
-        NodeSpec(2, "ModelSamplingAuraFlow", {"shift": 6.0}, links={"model": (1, 0)}),
-        NodeSpec(3, "NewBieTextEncoderLoader", {"gemma_name": NEWBIE_GEMMA, "jina_name": NEWBIE_JINA,
-                                                "weight_format": "fp8"}, size=(340, 160)),
-        NodeSpec(4, "NewBieXMLPrompt", {"character_1_name": "hatsune miku", "character_1_gender": "1girl",
-                                        "character_1_appearance": "long twintails, aqua hair, aqua eyes, smile",
-                                        "style": "anime", "background": "city street at night, neon lights",
-                                        "quality": "masterpiece, best quality"}, size=(360, 520)),
-        NodeSpec(5, "NewBieTextEncode", {"system_prompt": "high_quality"}, links={"clip": (3, 0), "text": (4, 0)},
-                 title="Positive", size=(400, 160)),
-        NodeSpec(6, "NewBieTextEncode", {"text": NEWBIE_NEGATIVE, "system_prompt": "high_quality"},
-                 links={"clip": (3, 0)}, title="Negative", size=(400, 160)),
-        NodeSpec(7, "EmptySD3LatentImage", {"width": 1024, "height": 1024, "batch_size": 1}),
-        NodeSpec(8, "KSampler", {"seed": 42, "steps": 24, "cfg": 4.5, "sampler_name": "euler", "scheduler": "simple",
-                                 "denoise": 1.0},
-                 links={"model": (2, 0), "positive": (5, 0), "negative": (6, 0), "latent_image": (7, 0)}),
-        NodeSpec(9, "VAELoader", {"vae_name": FLUX_AE["name"]}, properties={"models": [FLUX_AE]}),
-        NodeSpec(10, "VAEDecode", links={"samples": (8, 0), "vae": (9, 0)}),
-        NodeSpec(11, "SaveImage", {"filename_prefix": "lowvram_newbie"}, links={"images": (10, 0)}),
-    ], notes=[("Read me", note, (40, 760))])
+    dit = NodeSpec(1, "Float8DiTLoader", {"model_name": NEWBIE_DIT["name"]}, properties={"models": [NEWBIE_DIT]},
+                   size=(340, 200))
+    extra = (NodeSpec(2, "ModelSamplingAuraFlow", {"shift": 6.0}, links={"model": (1, 0)}),)
+    decode = NodeSpec(10, "VAEDecode", links={"samples": (8, 0), "vae": (9, 0)})
+    return GraphSpec(nodes=_newbie_nodes(dit, "fp8", (2, 0), decode, extra), notes=[("Read me", note, (40, 760))])
 
 
 # --- Tiered variants (issue #8). Settings from bench/: Float8DiTLoader (fp8, per-channel, compute auto) ->
@@ -152,23 +157,7 @@ def flux_dev_streamed(tier: int) -> GraphSpec:
             f"fp8 with per-channel scales while it loads (11.1 GiB, more than the card can hold with "
             f"activations). {STREAM_NOTE} ComfyUI moves the text encoders to system RAM after encoding.\n\n"
             f"{MEASURED} Here {FLUX_TIER_BASIS[tier]}.\n\n1024x1024, 20 steps, euler/simple, guidance 3.5.")
-    return GraphSpec(nodes=[
-        NodeSpec(1, "Float8DiTLoader", {"model_name": FLUX_DEV["name"]}, properties={"models": [FLUX_DEV]},
-                 size=(340, 200)),
-        NodeSpec(2, "ChunkedOffloadUNet", {"vram_budget_gb": 0.0}, links={"model": (1, 0)}, size=(340, 160)),
-        NodeSpec(3, "DualCLIPLoader", {"clip_name1": CLIP_L["name"], "clip_name2": T5XXL["name"], "type": "flux"},
-                 properties={"models": [CLIP_L, T5XXL]}),
-        NodeSpec(4, "CLIPTextEncode", {"text": POSITIVE}, links={"clip": (3, 0)}, title="Prompt", size=(400, 160)),
-        NodeSpec(5, "FluxGuidance", {"guidance": 3.5}, links={"conditioning": (4, 0)}),
-        NodeSpec(6, "ConditioningZeroOut", links={"conditioning": (4, 0)}, title="Negative (unused at CFG 1)"),
-        NodeSpec(7, "EmptySD3LatentImage", {"width": 1024, "height": 1024, "batch_size": 1}),
-        NodeSpec(8, "KSampler", {"seed": 42, "steps": 20, "cfg": 1.0, "sampler_name": "euler", "scheduler": "simple",
-                                 "denoise": 1.0},
-                 links={"model": (2, 0), "positive": (5, 0), "negative": (6, 0), "latent_image": (7, 0)}),
-        NodeSpec(9, "VAELoader", {"vae_name": FLUX_AE["name"]}, properties={"models": [FLUX_AE]}),
-        NodeSpec(10, "LazyVAEDecode", {"tiling": "auto"}, links={"samples": (8, 0), "vae": (9, 0)}, size=(340, 160)),
-        NodeSpec(11, "SaveImage", {"filename_prefix": "lowvram_flux"}, links={"images": (10, 0)}),
-    ], notes=[("Read me", note, (40, 760))])
+    return GraphSpec(nodes=_flux_nodes(streamed=True), notes=[("Read me", note, (40, 760))])
 
 
 def sdxl_lazy_decode(tier: int) -> GraphSpec:
@@ -179,17 +168,7 @@ def sdxl_lazy_decode(tier: int) -> GraphSpec:
             f"({BENCH} and the vae_attention results): a tiled 1024x1024 decode peaked at 0.91 GiB where "
             "ComfyUI's VAEDecode took 11.9 GiB (Flux AE; the SDXL VAE has the same decoder widths)."
             "\n\n1024x1024, 25 steps, euler, CFG 6.")
-    return GraphSpec(nodes=[
-        NodeSpec(1, "CheckpointLoaderSimple", {"ckpt_name": SDXL_CKPT["name"]}, properties={"models": [SDXL_CKPT]}),
-        NodeSpec(2, "CLIPTextEncode", {"text": POSITIVE}, links={"clip": (1, 1)}, title="Positive", size=(400, 160)),
-        NodeSpec(3, "CLIPTextEncode", {"text": NEGATIVE}, links={"clip": (1, 1)}, title="Negative", size=(400, 160)),
-        NodeSpec(4, "EmptyLatentImage", {"width": 1024, "height": 1024, "batch_size": 1}),
-        NodeSpec(5, "KSampler", {"seed": 42, "steps": 25, "cfg": 6.0, "sampler_name": "euler", "scheduler": "normal",
-                                 "denoise": 1.0},
-                 links={"model": (1, 0), "positive": (2, 0), "negative": (3, 0), "latent_image": (4, 0)}),
-        NodeSpec(6, "LazyVAEDecode", {"tiling": "auto"}, links={"samples": (5, 0), "vae": (1, 2)}, size=(340, 160)),
-        NodeSpec(7, "SaveImage", {"filename_prefix": "lowvram_sdxl"}, links={"images": (6, 0)}),
-    ], notes=[("Read me", note, (40, 700))])
+    return GraphSpec(nodes=_sdxl_nodes("LazyVAEDecode"), notes=[("Read me", note, (40, 700))])
 
 
 def _newbie_nodes(dit: NodeSpec, te_format: str, model_out: tuple, decode: NodeSpec, extra=()) -> list:
