@@ -75,6 +75,25 @@ def ensure_model(size: str, models_dir: Path, device: str) -> tuple[Path, float]
     return model_path("flux-dev", size, models_dir), time.perf_counter() - t0
 
 
+def size_workload(a) -> None:
+    """The anchor workload on the parsed args, in place: 1024x1024, 256 text tokens, 5 steps on a GPU;
+    64x64, 16 tokens, 2 steps for --smoke on the CPU (an explicit --steps wins)."""
+    a.width = a.height = 64 if a.smoke else 1024
+    a.txt_tokens = 16 if a.smoke else 256
+    a.steps = a.steps or (2 if a.smoke else 5)
+
+
+def comfy_and_model(a, ap) -> tuple[str, Path, float]:
+    """(ComfyUI tree, synthetic Flux-dev file written or checked, seconds that took) for the parsed args."""
+    size = "tiny" if a.smoke else "full"
+    comfyui_path = default_comfyui_path()
+    if comfyui_path is None:
+        ap.error("no ComfyUI: set COMFYUI_PATH to a ComfyUI tree, or run scripts/bootstrap.sh")
+    models_dir = Path(a.models_dir) if a.models_dir else REPO_ROOT / ".cache" / "models" / f"synthetic-{size}"
+    model, build_s = ensure_model(size, models_dir, "cpu" if a.smoke else "cuda")
+    return comfyui_path, model, build_s
+
+
 def run_mode(mode: Mode, model: Path, budgets: str, rows_file: Path, a, comfyui_path: str,
              extra: tuple[str, ...] = ()) -> int:
     """One bench.comfy_core_flux process; `a` carries width, height, steps, txt_tokens, noise_check, smoke;
@@ -170,18 +189,11 @@ def main(argv: list[str] | None = None) -> int:
     parse_budgets(budgets)   # fail here, not in the first child
     if a.smoke and budgets != "unlimited":
         ap.error("--smoke runs on the CPU: only --budgets unlimited")
-    a.width = a.height = 64 if a.smoke else 1024
-    a.txt_tokens = 16 if a.smoke else 256
-    a.steps = a.steps or (2 if a.smoke else 5)
+    size_workload(a)
     if a.smoke:
         a.noise_check = False
     size = "tiny" if a.smoke else "full"
-    comfyui_path = default_comfyui_path()
-    if comfyui_path is None:
-        ap.error("no ComfyUI: set COMFYUI_PATH to a ComfyUI tree, or run scripts/bootstrap.sh")
-
-    models_dir = Path(a.models_dir) if a.models_dir else REPO_ROOT / ".cache" / "models" / f"synthetic-{size}"
-    model, build_s = ensure_model(size, models_dir, "cpu" if a.smoke else "cuda")
+    comfyui_path, model, build_s = comfy_and_model(a, ap)
     out_dir = Path(a.out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     started = utc_now()

@@ -31,7 +31,7 @@ from pathlib import Path
 
 import torch
 
-from .anchor import MODES, default_comfyui_path, ensure_model, run_mode
+from .anchor import MODES, comfy_and_model, run_mode, size_workload
 from .fp8_flux_ours import OURS
 from .results import REPO_ROOT, RESULTS_DIR, host_environment, slug, utc_now, write_json
 from .table import format_table
@@ -200,16 +200,10 @@ def main(argv: list[str] | None = None) -> int:
         ap.error(f"--comfy-modes must include {REFERENCE} and name only {', '.join(COMFY)}")
     t_start = time.time()
     deadline = None if a.time_budget_s is None else t_start + a.time_budget_s
-    a.width = a.height = 64 if a.smoke else 1024
-    a.txt_tokens = 16 if a.smoke else 256
-    a.steps = a.steps or (2 if a.smoke else 5)
+    size_workload(a)
     a.noise_check = not a.smoke
     size = "tiny" if a.smoke else "full"
-    comfyui_path = default_comfyui_path()
-    if comfyui_path is None:
-        ap.error("no ComfyUI: set COMFYUI_PATH to a ComfyUI tree, or run scripts/bootstrap.sh")
-    models_dir = Path(a.models_dir) if a.models_dir else REPO_ROOT / ".cache" / "models" / f"synthetic-{size}"
-    model, build_s = ensure_model(size, models_dir, "cpu" if a.smoke else "cuda")
+    comfyui_path, model, build_s = comfy_and_model(a, ap)
     out_dir = Path(a.out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     scratch = Path(tempfile.mkdtemp(prefix=f"{BENCHMARK}_"))   # rows, latents, plain fp8 copy; removed at the end
