@@ -84,16 +84,17 @@ class BlockStreamingSession:
         self.patcher.add_callback_with_key(CallbacksMP.ON_DETACH, KEY, self.on_detach)
 
     # ---- lifecycle ---------------------------------------------------------------------------------
-    def budget_bytes(self, device, activation_bytes: int) -> int:
+    def budget_bytes(self, device) -> int:
         if self.settings.budget_bytes:
             return self.settings.budget_bytes
-        # auto: what is free now, plus what ComfyUI says it could free by unloading other models is not
-        # counted (they may be needed again); the streamer's planner subtracts activations and margin.
+        # auto: what is free now, ComfyUI having loaded the rest of this model. Memory other models would
+        # give back if unloaded is not counted (they may be needed again); the planner subtracts the
+        # activation estimate and its margin.
         return comfy.model_management.get_free_memory(device)
 
     def attach(self, patcher, device, x_shape, seconds_per_block=None) -> None:
         activation_bytes = int(patcher.model.memory_required(list(x_shape)))
-        config = OffloadConfig(budget_bytes=max(1, self.budget_bytes(device, activation_bytes)),
+        config = OffloadConfig(budget_bytes=max(1, self.budget_bytes(device)),
                                chunk_size=self.settings.chunk_size, prefetch=self.settings.prefetch,
                                pin_memory=self.settings.pin_memory)
         self.config, self.activation_bytes = config, activation_bytes
