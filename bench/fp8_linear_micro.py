@@ -133,11 +133,18 @@ VARIANTS: dict[str, tuple[str, bool, Callable[[], Callable[[Operands], object]]]
                                 lambda: _linear_fp8("per_token", act_quant="triton")),
     "linear_fp8_token_triton_fast": ("same, use_fast_accum", True,
                                      lambda: _linear_fp8("per_token", act_quant="triton", fast_accum=True)),
-    "linear_dequant": ("quant.matmul dequant Linear (bf16 matmul)", False,
+    "dq_eager": ("weight dequant alone, two PyTorch kernels", False,
+                 lambda: lambda o: qm.DEQUANTIZERS["eager"]()(o.w8, o.ws, torch.bfloat16)),
+    "dq_triton": ("weight dequant alone, one Triton kernel (quant.dequant_triton)", False,
+                  lambda: lambda o: qm.DEQUANTIZERS["triton"]()(o.w8, o.ws, torch.bfloat16)),
+    "linear_dequant": ("quant.matmul dequant Linear (bf16 matmul), default dequantizer", False,
                        lambda: lambda o: qm.linear_dequant(o.x, o.w8, o.ws, o.bias, torch.bfloat16)),
+    "linear_dequant_eager": ("same with the two-kernel PyTorch dequantizer", False,
+                             lambda: _with_options(lambda o: qm.linear_dequant(o.x, o.w8, o.ws, o.bias, torch.bfloat16),
+                                                   dequant="eager")),
 }
 COMPILED = ("aq_compiled_token", "aq_compiled_tensor", "aq_compiled_static_token")
-NEEDS_CUDA = ("aq_triton_token", "linear_fp8_token_triton", "linear_fp8_token_triton_fast")
+NEEDS_CUDA = ("aq_triton_token", "linear_fp8_token_triton", "linear_fp8_token_triton_fast", "dq_triton")
 
 
 def time_call(fn: Callable[[], object], device: torch.device, warmup: int, reps: int) -> float:
@@ -187,6 +194,11 @@ def run(shapes, variants: list[str], device: torch.device, warmup: int, reps: in
                     a = fn(o)[0]
                     row["bytes_differ_from_eager"] = float((a.view(torch.uint8) != o.a_tok.view(torch.uint8))
                                                            .float().mean()) if v.endswith("token") else None
+                if v.startswith("dq_"):
+                    # Bytes that differ from w8 * scale computed in fp32 and rounded once to bf16.
+                    exact = (o.w8.float() * o.ws.reshape(-1, 1)).to(torch.bfloat16)
+                    row["bytes_differ_from_fp32_rounded"] = float((fn(o).view(torch.int16) != exact.view(torch.int16))
+                                                                  .float().mean())
                 row["tflops"] = 2 * m * k * n / row["median_s"] / 1e12 if v.startswith(("gemm", "linear", "bf16")) else None
             except Exception as e:  # a variant the build cannot run (no compiler, no kernel) is recorded, not fatal
                 row["error"] = f"{type(e).__name__}: {str(e).splitlines()[0][:200] if str(e) else ''}"

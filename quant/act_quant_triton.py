@@ -1,4 +1,4 @@
-"""Per-token fp8 activation quantization in one Triton kernel (an experiment: Fp8MatmulOptions(act_quant="triton")).
+"""Per-token fp8 activation quantization in one Triton kernel (the default quantizer where triton imports).
 
 quant.matmul.quantize_activation takes three PyTorch kernels (amax, divide into fp32, cast): about
 13 bytes of memory traffic per element. This kernel gives each token (row of x [M, K]) one program:
@@ -51,6 +51,11 @@ def quantize_activation_triton(x2d: torch.Tensor, act_scaling: str) -> tuple[tor
     """Same contract as quant.matmul.quantize_activation: (a [M, K] e4m3fn, scale fp32 [M, 1])."""
     if act_scaling != "per_token" or x2d.device.type != "cuda" or x2d.numel() == 0:
         return quantize_activation(x2d, act_scaling)
+    return launch_per_token(x2d)
+
+
+def launch_per_token(x2d: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """The kernel launch itself, on whatever device x is (CPU under TRITON_INTERPRET=1: tests)."""
     if x2d.stride(1) != 1:
         x2d = x2d.contiguous()
     m, k = x2d.shape

@@ -98,13 +98,41 @@ def _out_dtype(x: torch.Tensor, out_dtype: torch.dtype | None) -> torch.dtype:
     return x.dtype if x.dtype in _FLOAT_DTYPES else torch.bfloat16
 
 
+def dequantize_weight_eager(w_fp8: torch.Tensor, w_scale: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """w_fp8 [N, K] * w_scale ([N] or []) as a new `dtype` tensor: two PyTorch kernels, any device."""
+    w = w_fp8.to(dtype)
+    scale = w_scale.to(device=w.device, dtype=dtype)
+    return w.mul_(scale if scale.ndim == 0 else scale.reshape(-1, 1))
+
+
+def _triton_dequantize_weight() -> Callable[[torch.Tensor, torch.Tensor, torch.dtype], torch.Tensor]:
+    from .dequant_triton import dequantize_weight_triton  # needs the triton package (Linux + CUDA)
+
+    return dequantize_weight_triton
+
+
+@functools.lru_cache(maxsize=None)
+def _auto_dequantize_weight() -> Callable[[torch.Tensor, torch.Tensor, torch.dtype], torch.Tensor]:
+    # One Triton kernel where the package is importable (it hands CPU tensors to the eager version).
+    try:
+        return _triton_dequantize_weight()
+    except ImportError:
+        return dequantize_weight_eager
+
+
+# Fp8MatmulOptions.dequant -> the weight dequantizer of the dequant path (a factory: nothing imports early).
+DEQUANTIZERS: dict[str, Callable[[], Callable[[torch.Tensor, torch.Tensor, torch.dtype], torch.Tensor]]] = {
+    "auto": _auto_dequantize_weight,
+    "eager": lambda: dequantize_weight_eager,
+    "triton": _triton_dequantize_weight,
+}
+
+
 def linear_dequant(
     x: torch.Tensor, w_fp8: torch.Tensor, w_scale: torch.Tensor, bias: torch.Tensor | None, out_dtype: torch.dtype
 ) -> torch.Tensor:
     """F.linear in `out_dtype` with the weight dequantized just for this call ([out, in] temporary)."""
-    w = w_fp8.to(out_dtype)
-    scale = w_scale.to(device=w.device, dtype=out_dtype)
-    w.mul_(scale if scale.ndim == 0 else scale.reshape(-1, 1))
+    w = DEQUANTIZERS[_options.dequant]()(w_fp8, w_scale, out_dtype)
     b = bias.to(out_dtype) if bias is not None else None
     return F.linear(x.to(out_dtype), w, b)
 
@@ -177,15 +205,19 @@ class Fp8MatmulOptions:
     act_quant: "auto" (triton where importable, else eager), "eager" (three PyTorch kernels), "compiled"
     (torch.compile fuses them; compiles on first use, seconds) or "triton" (one hand-written kernel for
     per-token scales: quant.act_quant_triton).
+    dequant: the weight dequantizer of the dequant path: "auto" (triton where importable, else eager),
+    "eager" (two PyTorch kernels) or "triton" (one kernel: quant.dequant_triton).
     """
 
     fast_accum: bool = False
     act_quant: str = "auto"
+    dequant: str = "auto"
 
     def __post_init__(self) -> None:
-        if self.act_quant not in ACT_QUANTIZERS:
-            raise ValueError(f"Fp8MatmulOptions.act_quant={self.act_quant!r} is not allowed; choose one of: "
-                             f"{', '.join(ACT_QUANTIZERS)}")
+        for field, allowed in (("act_quant", ACT_QUANTIZERS), ("dequant", DEQUANTIZERS)):
+            if getattr(self, field) not in allowed:
+                raise ValueError(f"Fp8MatmulOptions.{field}={getattr(self, field)!r} is not allowed; choose one "
+                                 f"of: {', '.join(allowed)}")
 
 
 _options = Fp8MatmulOptions()

@@ -1,0 +1,68 @@
+"""Run under TRITON_INTERPRET=1 (CPU): the Triton kernels of quant/ against their PyTorch references.
+
+Started by tests/unit/test_triton_kernels.py in a subprocess, because Triton reads TRITON_INTERPRET when
+a kernel is defined, i.e. at import. Prints one JSON line of findings; exits 1 on any mismatch.
+The interpreter rounds fp32 -> bf16 by truncation (the GPU rounds to nearest), so bf16 results are
+compared within one bf16 ulp here and exactly in fp32; the GPU benchmarks check them bit for bit.
+"""
+import json
+import sys
+
+import torch
+
+from quant.act_quant_triton import launch_per_token
+from quant.dequant_triton import launch_dequant
+from quant.matmul import quantize_activation
+
+
+def every_fp8_value(dtype: torch.dtype) -> torch.Tensor:
+    # all 256 byte patterns except the NaN/inf codes: [V]
+    codes = torch.arange(256, dtype=torch.uint8).view(dtype)
+    finite = codes.float().isfinite()
+    return codes[finite]
+
+
+def check_dequant(findings: dict) -> bool:
+    ok = True
+    g = torch.Generator().manual_seed(0)
+    for dtype in (torch.float8_e4m3fn, torch.float8_e5m2):
+        values = every_fp8_value(dtype)                              # [V] every finite code
+        w = values[torch.randint(0, values.numel(), (96, 80), generator=g)]   # [96, 80], 7680 > one block
+        w[0, : values.numel() if values.numel() <= 80 else 80] = values[:80]
+        for scale in (torch.rand(96, generator=g) + 0.01, torch.tensor(0.37)):
+            ref32 = w.float() * (scale.reshape(-1, 1) if scale.ndim else scale)
+            got32 = launch_dequant(w, scale, torch.float32)
+            exact = torch.equal(got32, ref32)
+            got16 = launch_dequant(w, scale, torch.bfloat16).float()
+            ulp = (ref32.abs().clamp(min=2.0 ** -126).log2().floor() - 7).exp2()
+            within = bool(((got16 - ref32).abs() <= ulp).all())
+            findings[f"dequant {dtype} scale{list(scale.shape)}"] = {"fp32_exact": exact, "bf16_within_ulp": within}
+            ok &= exact and within
+    return ok
+
+
+def check_act_quant(findings: dict) -> bool:
+    g = torch.Generator().manual_seed(1)
+    x = torch.randn(33, 200, generator=g) * 3
+    x[5] = 0.0                                                       # an all-zero token
+    ref_a, ref_s = quantize_activation(x, "per_token")
+    a, s = launch_per_token(x)
+    same_scale = torch.allclose(s, ref_s, rtol=1e-6, atol=0)
+    # The interpreter's fp32 -> fp8 cast does not round as the GPU does (it truncates, and mishandles a
+    # value that rounds up into the next binade), so only most codes can be compared here; the GPU
+    # benchmark (bench/fp8_linear_micro.py) compares them all.
+    equal = float((a.float() == ref_a.float()).float().mean())
+    findings["act_quant per_token"] = {"scale_close": same_scale, "codes_mostly_equal": equal >= 0.95}
+    return same_scale and equal >= 0.95
+
+
+def main() -> int:
+    findings: dict = {}
+    ok = check_dequant(findings)
+    ok &= check_act_quant(findings)
+    print(json.dumps(findings, default=str))
+    return 0 if ok else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
