@@ -15,6 +15,8 @@ pixels of one call (ComfyUI's own per-VAE estimate gives ~2178 bytes per pixel p
 the 8x KL VAEs), plus the weights still to be moved. `auto` decodes whole images when that fits both
 the measured free memory and `activation_cap_bytes`; beyond about 512-px tiles a GPU's convolutions
 are already saturated, so a bigger working set only takes memory the diffusion model could have kept.
+`max_tile_px` (what VRAMGuard asks for) limits both tile sides in auto and always, even when the whole
+decode would fit.
 
 Blending: along each axis, neighbours overlap by at least `overlap` latent pixels. Inside an overlap
 the earlier tile's weight falls from 1 to 0 along a raised-cosine ramp while the later tile's rises,
@@ -74,6 +76,9 @@ class DecodeRequest:
     mode: str = "auto"
     tile_px: int = 0              # 0 = choose; else the tile side in output pixels
     overlap_px: int = 64
+    # A limit from outside (VRAMGuard's request) on both tile sides in output px, 0 = none. auto and
+    # always then tile whatever the free memory says; never ignores it (the caller says so).
+    max_tile_px: int = 0
 
     def __post_init__(self):
         if self.mode not in TILING_MODES:
@@ -83,8 +88,9 @@ class DecodeRequest:
         for name in ("latent_h", "latent_w", "upscale"):
             if getattr(self, name) < 1:
                 raise ValueError(f"DecodeRequest.{name} must be >= 1, got {getattr(self, name)}")
-        if self.tile_px < 0 or self.overlap_px < 0:
-            raise ValueError(f"tile size ({self.tile_px}) and overlap ({self.overlap_px}) must be >= 0")
+        if min(self.tile_px, self.overlap_px, self.max_tile_px) < 0:
+            raise ValueError(f"tile size ({self.tile_px}), overlap ({self.overlap_px}) and max tile size "
+                             f"({self.max_tile_px}) must be >= 0")
 
 
 @dataclass(frozen=True)
@@ -183,9 +189,11 @@ def plan_decode(req: DecodeRequest, policy: TilingPolicy = TilingPolicy()) -> Ti
     usable = max(0.0, req.free_bytes * policy.safety - req.weight_bytes)
     budget = min(usable, policy.activation_cap_bytes)
     per_image = req.bytes_per_out_px * h * w * up * up
+    limit = max(req.max_tile_px // up, policy.min_tile_latent) if req.max_tile_px else max(h, w)
+    asked = f"tiles of at most {req.max_tile_px} px asked for by VRAMGuard"
     if req.mode == "never":
         return _plan(req, policy, h, w, usable, "tiling=never")
-    if req.mode == "auto" and per_image <= budget:
+    if req.mode == "auto" and per_image <= budget and max(h, w) <= limit:
         return _plan(req, policy, h, w, budget,
                      f"whole decode ~{per_image / GiB:.2f} GiB fits {budget / GiB:.2f} GiB "
                      f"(free {req.free_bytes / GiB:.2f} GiB)")
@@ -196,13 +204,17 @@ def plan_decode(req: DecodeRequest, policy: TilingPolicy = TilingPolicy()) -> Ti
     elif req.mode == "always":
         side = min(side, max(policy.default_tile_px // up, policy.min_tile_latent))
         why = "tiling=always"
+    elif per_image <= budget:       # it fits: only the limit tiles it
+        why = asked
     else:
         why = (f"whole decode ~{per_image / GiB:.2f} GiB exceeds {budget / GiB:.2f} GiB "
                f"(free {req.free_bytes / GiB:.2f} GiB, cap {policy.activation_cap_bytes / GiB:.1f} GiB)")
-    # A non-square image limits one side: give the other side the area it leaves.
+    if req.max_tile_px and side > limit:
+        side, why = limit, asked
+    # A non-square image limits one side: give the other side the area it leaves (within the limit).
     th = min(side, h)
-    tw = min(w, max(side, (side * side) // th))
-    th = min(h, max(side, (side * side) // tw))
+    tw = min(w, limit, max(side, (side * side) // th))
+    th = min(h, limit, max(side, (side * side) // tw))
     return _plan(req, policy, th, tw, budget, why)
 
 

@@ -6,7 +6,9 @@ The tile planning and blending live in _tiling.py (no ComfyUI there). Here:
 - free memory is `comfy.model_management.get_free_memory(device)`, read before the VAE is loaded;
 - the VAE is moved with `load_models_gpu([vae.patcher], memory_required=...)`, so ComfyUI only evicts
   what the planned working set needs, and moved back with `free_memory(..., keep_loaded=<all others>)`,
-  which unloads this VAE and nothing else through ComfyUI's own bookkeeping.
+  which unloads this VAE and nothing else through ComfyUI's own bookkeeping;
+- VRAMGuard, when a guarded prompt runs: the decode is its "decoding" stage, and its request (tiles of at
+  most tile_px, at most max_bytes of the device) limits the plan unless tiling is "never".
 """
 from __future__ import annotations
 
@@ -16,6 +18,7 @@ from dataclasses import dataclass
 
 import torch
 
+from . import _vram_registry as guard
 from ._tiling import DecodeRequest, Hooks, TilePlan, TilingPolicy, allocator_limit, plan_decode, run_decode
 
 log = logging.getLogger("lowvram")
@@ -52,17 +55,39 @@ def check_inputs(vae, samples) -> torch.Tensor:
     return latent
 
 
-def build_request(vae, latent: torch.Tensor, s: DecodeSettings) -> DecodeRequest:
+def build_request(vae, latent: torch.Tensor, s: DecodeSettings, ask: guard.DecodeRequest | None = None
+                  ) -> DecodeRequest:
+    """What the planner needs; `ask` is VRAMGuard's request (None: no guarded prompt runs)."""
     import comfy.model_management as mm
     up = vae.upscale_ratio
     ref = (1, latent.shape[1], REFERENCE_LATENT, REFERENCE_LATENT)
     per_px = vae.memory_used_decode(ref, vae.vae_dtype) / (REFERENCE_LATENT * up) ** 2
     on_cpu = mm.is_device_cpu(vae.device)
     weights = 0 if on_cpu else max(0, vae.patcher.model_size() - vae.patcher.loaded_size())
+    free = int(mm.get_free_memory(vae.device))
+    if ask is not None and ask.max_bytes > 0:    # the guard's budget holds all VAE weights, loaded or not
+        free = min(free, ask.max_bytes - (0 if on_cpu else vae.patcher.loaded_size()))
     return DecodeRequest(batch=latent.shape[0], latent_h=latent.shape[2], latent_w=latent.shape[3], upscale=up,
                          bytes_per_out_px=per_px, weight_bytes=weights,
-                         free_bytes=max(0, int(mm.get_free_memory(vae.device)) - image_bytes(vae, latent)),
-                         mode=s.tiling, tile_px=s.tile_size, overlap_px=s.overlap)
+                         free_bytes=max(0, free - image_bytes(vae, latent)),
+                         mode=s.tiling, tile_px=s.tile_size, overlap_px=s.overlap,
+                         max_tile_px=0 if ask is None else ask.tile_px)
+
+
+def guard_answer(ask: guard.DecodeRequest | None, req: DecodeRequest, plan: TilePlan
+                 ) -> tuple[int, str] | None:
+    """The log level and line saying how this plan answers VRAMGuard's request for tiles (None: none made)."""
+    if ask is None or ask.tile_px <= 0:
+        return None
+    if req.mode == "never":
+        return logging.WARNING, (f"LowVRAM Kit: LazyVAEDecode decodes whole images (tiling=never) although "
+                                 f"VRAMGuard asked for tiles of at most {ask.tile_px} px: "
+                                 f"{ask.why.rstrip('. ')}. Set tiling to auto to follow it")
+    if not plan.tiled:
+        return logging.INFO, (f"LowVRAM Kit: LazyVAEDecode decodes whole images: they are no larger than the "
+                              f"{ask.tile_px} px tiles VRAMGuard asked for")
+    px = max(plan.tile_hw) * req.upscale
+    return logging.INFO, f"LowVRAM Kit: LazyVAEDecode tiles at {px} px because VRAMGuard asked: {ask.why}"
 
 
 def image_bytes(vae, latent: torch.Tensor) -> int:
@@ -102,13 +127,25 @@ def unload_vae(vae) -> None:
 
 def decode_lazily(vae, samples, s: DecodeSettings, policy: TilingPolicy = TilingPolicy()) -> tuple[torch.Tensor, TilePlan]:
     """IMAGE [B, H, W, C] in 0..1 on ComfyUI's intermediate device, and the plan that decoded it."""
+    latent = check_inputs(vae, samples)
+    with guard.stage("decoding"):          # the guard's report: this decode's peak and time (no-op unguarded)
+        ask = guard.decode_request()
+        req = build_request(vae, latent, s, ask)
+        plan = plan_decode(req, policy)
+        log.info("LazyVAEDecode: %s", plan.describe())
+        answer = guard_answer(ask, req, plan)
+        if answer is not None:
+            log.log(*answer)
+        guard.note({"kind": "decode", "tile_px": max(plan.tile_hw) * req.upscale if plan.tiled else 0,
+                    "asked_tile_px": 0 if ask is None else ask.tile_px, "plan": plan.describe()})
+        return _decode(vae, latent, s, req, plan, policy)
+
+
+def _decode(vae, latent: torch.Tensor, s: DecodeSettings, req: DecodeRequest, plan: TilePlan,
+            policy: TilingPolicy) -> tuple[torch.Tensor, TilePlan]:
     import comfy.model_management as mm
     import comfy.utils
 
-    latent = check_inputs(vae, samples)
-    req = build_request(vae, latent, s)
-    plan = plan_decode(req, policy)
-    log.info("LazyVAEDecode: %s", plan.describe())
     pbar = comfy.utils.ProgressBar(plan.calls(req.batch))
 
     def decode(chunk: torch.Tensor, where: str) -> torch.Tensor:   # [b, C, h, w] -> [b, 3, h*up, w*up]

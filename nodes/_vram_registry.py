@@ -6,7 +6,7 @@ two lines and no import of the guard itself (nothing happens when no guard is ac
     from . import _vram_registry as guard
     with guard.stage("decoding"):                    # LazyVAEDecode: the decode's peak and time
         cap = guard.decode_request()                 # None, or DecodeRequest(tile_px, max_bytes, why)
-        ...
+        guard.note({"kind": "decode", ...})          # what it did, as an event in the guard's report
 """
 from __future__ import annotations
 
@@ -60,3 +60,10 @@ def stage(name: str):
 def decode_request() -> DecodeRequest | None:
     run = active()
     return None if run is None else run.decode_request()
+
+
+def note(event: dict) -> None:
+    """Add `event` ({"kind": ..., more fields}) to the active guard's report (no-op without one)."""
+    run = active()
+    if run is not None:
+        run.note(event)

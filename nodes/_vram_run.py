@@ -51,6 +51,9 @@ class PendingRun:
     def decode_request(self):
         return None
 
+    def note(self, event: dict) -> None:
+        pass    # no report of its own (a sampling adopts only its monitor), and it never asks for tiles
+
     def discard(self) -> None:
         self.timer.cancel()
         registry.deactivate(self)
@@ -128,6 +131,11 @@ class GuardRun:
 
     def decode_request(self):
         return self.decode
+
+    def note(self, event: dict) -> None:
+        with self._lock:
+            if self.report is None:      # once the report is built, a late event has nowhere to go
+                self.events.append(dict(event))
 
     @contextmanager
     def stage(self, name: str):
