@@ -29,7 +29,9 @@ class ChunkedOffloadUNet:
             "vram_budget_gb": ("FLOAT", {"default": 0.0, "min": 0.0, "max": 1024.0, "step": 0.25, "tooltip":
                                "GiB of VRAM the model's blocks, transfer buffers and activations may use. "
                                "0 = auto: what is free when sampling starts, minus the activation estimate "
-                               "and a margin."}),
+                               "and a margin. A budget below the model's floor (transfer slots + activations "
+                               "for this resolution and batch + margin) is refused before the first step, "
+                               "with the smallest budget that works."}),
             "chunk_size": ("INT", {"default": 0, "min": 0, "max": 64, "tooltip": "Blocks moved per transfer. "
                            "0 = auto (chosen from the measured bytes per block and compute time)."}),
             "prefetch": ("INT", {"default": 0, "min": 0, "max": 8, "tooltip": "Transfers in flight ahead of "

@@ -12,12 +12,17 @@ How the two never manage the same weights, using ComfyUI's own patcher mechanism
   the streamer's device bytes to the model's loaded-weight count, so ComfyUI frees and plans knowing them.
 - LoRA and other weight patches of block weights are applied the way ComfyUI applies them to its own
   offloaded layers: a `LowVramPatch` weight function per patched weight, run on the GPU copy per call.
-- An ON_DETACH callback (ComfyUI unloading the model) and any exception during sampling (a cancelled
-  prompt, an OOM) detach the streamer: device slots, pinned buffers and hooks are released.
+- A PREPARE_SAMPLING wrapper (ComfyUI loading the model, before the first step) refuses a budget below
+  the floor (largest transfer group x slots + activations + margin, offload.floor: the planner's own
+  numbers) for the latent shape and batch of this sampling (x2 when CFG runs the negative): an explicit
+  budget before anything loads, auto (free VRAM) once ComfyUI has loaded the rest of the model.
+- An ON_DETACH callback (ComfyUI unloading the model) and any exception during sampling (a refusal, a
+  cancelled prompt, an OOM) detach the streamer: device slots, pinned buffers and hooks are released.
 """
 from __future__ import annotations
 
 import logging
+import math
 import weakref
 from dataclasses import dataclass
 
@@ -28,14 +33,23 @@ import comfy.model_patcher
 import comfy.patcher_extension
 from comfy.patcher_extension import CallbacksMP, WrappersMP
 
-from ..offload import OffloadConfig, offload_blocks
+from ..offload import DEFAULT_MARGIN_BYTES, BudgetTooSmall, Floor, OffloadConfig, floor, offload_blocks
 from ..offload.api import plan_for
+from ..offload.config import fmt_bytes
 from ..offload.packing import block_nbytes
+from ._vram_comfy import uses_cfg
 from .model_families import family_of_model
 
 log = logging.getLogger("lowvram")
 KEY = "lowvram_block_streaming"
 GiB = 1 << 30
+WIDGET_STEP_GIB = 0.25  # vram_budget_gb's step: a suggested budget is rounded up to it
+
+
+def activation_bytes(base_model, shape) -> int:
+    """ComfyUI's estimate of activations for one model call on latents of `shape` (B, C, H, W): what the
+    planner reserves next to the blocks, at the first step (attach) and in the check before sampling."""
+    return int(base_model.memory_required(list(shape)))
 
 
 class HiddenBlocks(torch.nn.Module):
@@ -75,12 +89,14 @@ class BlockStreamingSession:
         self.streamer = None
         self.attached_for = None  # the patcher (this clone or a later one, e.g. with LoRA) now running
         self.plan_text = ""
+        self.cfg_doubles = False  # set by OUTER_SAMPLE for the sampling in progress: CFG runs the negative too
 
     def install(self) -> None:
         for name, container in self.lists.items():
             self.patcher.add_object_patch(f"diffusion_model.{name}", HiddenBlocks(container))
         self.patcher.add_wrapper_with_key(WrappersMP.APPLY_MODEL, KEY, self.apply_model_wrapper)
         self.patcher.add_wrapper_with_key(WrappersMP.OUTER_SAMPLE, KEY, self.outer_sample_wrapper)
+        self.patcher.add_wrapper_with_key(WrappersMP.PREPARE_SAMPLING, KEY, self.prepare_sampling_wrapper)
         self.patcher.add_callback_with_key(CallbacksMP.ON_DETACH, KEY, self.on_detach)
 
     # ---- lifecycle ---------------------------------------------------------------------------------
@@ -89,18 +105,28 @@ class BlockStreamingSession:
             return self.settings.budget_bytes
         # auto: what is free now, ComfyUI having loaded the rest of this model. Memory other models would
         # give back if unloaded is not counted (they may be needed again); the planner subtracts the
-        # activation estimate and its margin.
-        return comfy.model_management.get_free_memory(device)
+        # activation estimate and its margin. A streamer still attached from an earlier prompt holds
+        # device memory that a new plan would get back, so it counts as free.
+        held = self.streamer.device_bytes if self.streamer is not None else 0
+        return self.free_bytes(device) + held
+
+    @staticmethod
+    def free_bytes(device) -> int:
+        return int(comfy.model_management.get_free_memory(device))
 
     def attach(self, patcher, device, x_shape, seconds_per_block=None) -> None:
-        activation_bytes = int(patcher.model.memory_required(list(x_shape)))
+        act = activation_bytes(patcher.model, x_shape)
         config = OffloadConfig(budget_bytes=max(1, self.budget_bytes(device)),
                                chunk_size=self.settings.chunk_size, prefetch=self.settings.prefetch,
                                pin_memory=self.settings.pin_memory)
-        self.config, self.activation_bytes = config, activation_bytes
+        self.config, self.activation_bytes = config, act
         self.apply_weight_patches(patcher.patches)
-        self.streamer = offload_blocks(self.blocks, config, device, activation_bytes=activation_bytes,
-                                       seconds_per_block=seconds_per_block)
+        try:
+            self.streamer = offload_blocks(self.blocks, config, device, activation_bytes=act,
+                                           seconds_per_block=seconds_per_block)
+        except BaseException:
+            self.clear_weight_patches()  # the LowVramPatch functions hold the patches (LoRA weights)
+            raise
         patcher.model.model_loaded_weight_memory += self.streamer.device_bytes
         self.attached_for = weakref.ref(patcher)
         self.plan_text = self.streamer.plan.describe()
@@ -113,9 +139,7 @@ class BlockStreamingSession:
         model = self.patcher.model
         model.model_loaded_weight_memory = max(0, model.model_loaded_weight_memory - streamer.device_bytes)
         streamer.detach()
-        for m in self.block_modules():
-            if hasattr(m, "weight_function"):
-                m.weight_function, m.bias_function = [], []
+        self.clear_weight_patches()
         log.info("LowVRAM Kit ChunkedOffloadUNet: streaming released (%s)", why)
 
     def on_detach(self, patcher, *_):
@@ -123,6 +147,11 @@ class BlockStreamingSession:
         # being unloaded or garbage-collected must not pull the blocks from under a running one).
         if self.attached_for is not None and self.attached_for() in (patcher, None):
             self.detach("model unloaded")
+
+    def clear_weight_patches(self) -> None:
+        for m in self.block_modules():
+            if hasattr(m, "weight_function"):
+                m.weight_function, m.bias_function = [], []
 
     def block_modules(self):
         for block in self.blocks:
@@ -179,13 +208,71 @@ class BlockStreamingSession:
         self.attach(patcher, x.device, x.shape, seconds_per_block=seconds_per_block)
 
     def outer_sample_wrapper(self, executor, *args, **kwargs):
+        guider = executor.class_obj  # CFGGuider (or a subclass): its cfg says whether the negative runs
+        self.cfg_doubles = uses_cfg(guider, getattr(guider, "conds", {}) or {})
         try:
             return executor(*args, **kwargs)
         except BaseException:
-            # A cancel or an error may stop mid-step with a group in flight: release everything; the
-            # next prompt attaches again from a clean state.
+            # A refusal, a cancel or an error (which may stop mid-step with a group in flight): release
+            # everything; the next prompt attaches again from a clean state.
             self.detach("sampling stopped by an error or a cancel")
             raise
+        finally:
+            self.cfg_doubles = False
+
+    def prepare_sampling_wrapper(self, executor, patcher, noise_shape, *args, **kwargs):
+        """ComfyUI loads the model here, before any step: refuse a budget below the floor now, not at step 1."""
+        if self.settings.budget_bytes:  # explicit: known before anything loads
+            self.check_floor(patcher, noise_shape, self.settings.budget_bytes)
+            return executor(patcher, noise_shape, *args, **kwargs)
+        out = executor(patcher, noise_shape, *args, **kwargs)
+        # auto: what is free once ComfyUI has loaded the rest of the model, as attach will see it
+        self.check_floor(patcher, noise_shape, self.budget_bytes(patcher.load_device))
+        return out
+
+    def floor_for(self, patcher, noise_shape) -> tuple[Floor, list[int]]:
+        """The planner's floor for one model call of this sampling, and that call's latent shape.
+
+        ComfyUI runs cond and uncond as one batch (_calc_cond_batch) when CFG runs the negative, so a
+        call sees 2 x the latent batch: [2B, C, H, W]; the first step's plan is made for that shape."""
+        shape = [noise_shape[0] * (2 if self.cfg_doubles else 1), *noise_shape[1:]]
+        s = self.settings
+        low = floor(block_nbytes(self.blocks), activation_bytes(patcher.model, shape), chunk_size=s.chunk_size,
+                    prefetch=s.prefetch, margin_bytes=DEFAULT_MARGIN_BYTES)
+        return low, shape
+
+    def check_floor(self, patcher, noise_shape, budget_bytes: int) -> None:
+        low, shape = self.floor_for(patcher, noise_shape)
+        if budget_bytes < low.budget_bytes:
+            raise BudgetTooSmall(self.below_floor_message(patcher, budget_bytes, low, shape),
+                                 smallest_budget_bytes=low.budget_bytes)
+
+    def below_floor_message(self, patcher, budget_bytes: int, low: Floor, shape) -> str:
+        s = self.settings
+        model_class = type(patcher.model.diffusion_model).__name__
+        suggested_gib = math.ceil(low.budget_bytes / GiB / WIDGET_STEP_GIB) * WIDGET_STEP_GIB
+        source = "vram_budget_gb" if s.budget_bytes else "auto: the VRAM free after ComfyUI loaded the rest of the model"
+        batch = f"{shape[0]} latent(s) per model call" + (", doubled by CFG" if self.cfg_doubles else "")
+        fixes = [f"set vram_budget_gb to {suggested_gib:g} or more" if s.budget_bytes else
+                 f"free {fmt_bytes(low.budget_bytes - budget_bytes)} more VRAM (unload other models, close other "
+                 f"programs), or use a GPU with more free memory"]
+        without_activations = low.budget_bytes - low.activation_bytes
+        note = ""
+        if budget_bytes > without_activations:
+            fixes.append(f"lower the resolution or batch size so that activations fit in "
+                         f"{fmt_bytes(budget_bytes - without_activations)} (now {fmt_bytes(low.activation_bytes)}"
+                         + ("; cfg 1.0 would halve them" if self.cfg_doubles else "") + ")")
+        else:
+            note = (f" A lower resolution or batch cannot help: the blocks alone need {fmt_bytes(without_activations)}"
+                    " (resident blocks + transfer slots + margin).")
+        if s.chunk_size or s.prefetch:
+            fixes.append("set chunk_size and prefetch to 0 (auto) for smaller transfer slots")
+        return (
+            f"LowVRAM Kit ChunkedOffloadUNet ({self.family.name}, {model_class}): the VRAM budget "
+            f"{fmt_bytes(budget_bytes)} ({source}) is below the smallest budget that runs this model for latents "
+            f"{list(shape)} ({batch}): {low.describe()}. Nothing was run. The smallest budget that works is "
+            f"{low.budget_bytes} bytes ({low.budget_bytes / GiB:.2f} GiB); to run, {'; or '.join(fixes)}.{note}"
+        )
 
 
 class BlockTimer:

@@ -7,15 +7,17 @@ stream the rest from (pinned) host memory on a side stream. Knows nothing of mod
 """
 
 from .api import offload_blocks, plan_for
-from .config import GiB, LOG, MiB, PAGEABLE_H2D_BYTES_PER_S, PINNED_H2D_BYTES_PER_S, OffloadConfig
+from .config import DEFAULT_MARGIN_BYTES, GiB, LOG, MiB, PAGEABLE_H2D_BYTES_PER_S, PINNED_H2D_BYTES_PER_S, OffloadConfig
 from .packing import ALIGN_BYTES, block_nbytes
-from .planner import BudgetTooSmall, Plan, plan
+from .planner import BudgetTooSmall, Floor, Plan, floor, plan
 from .streamer import BlockStreamer
 
 __all__ = [
     "ALIGN_BYTES",
     "BlockStreamer",
     "BudgetTooSmall",
+    "DEFAULT_MARGIN_BYTES",
+    "Floor",
     "GiB",
     "LOG",
     "MiB",
@@ -24,6 +26,7 @@ __all__ = [
     "PINNED_H2D_BYTES_PER_S",
     "Plan",
     "block_nbytes",
+    "floor",
     "offload_blocks",
     "plan",
     "plan_for",

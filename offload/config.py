@@ -27,6 +27,10 @@ PAGEABLE_H2D_BYTES_PER_S = 11.0e9
 # beyond a few groups it only takes device memory away from the resident set.
 MAX_PREFETCH = 8
 
+# Device bytes kept out of every plan for what it cannot see (see OffloadConfig.margin_bytes); callers
+# that check a budget before making a config (the adapter's floor check) use the same number.
+DEFAULT_MARGIN_BYTES = 256 * MiB
+
 
 def _check_int(name: str, value: object, minimum: int, what: str) -> None:
     # bool is an int subclass; True as a byte count is always a mistake.
@@ -53,7 +57,7 @@ class OffloadConfig:
     chunk_size: int = 0
     prefetch: int = 0
     pin_memory: bool = True
-    margin_bytes: int = 256 * MiB
+    margin_bytes: int = DEFAULT_MARGIN_BYTES
 
     def __post_init__(self) -> None:
         _check_int("budget_bytes", self.budget_bytes, 1, "device bytes")

@@ -26,6 +26,7 @@ Example (run by tests/unit/test_offload_planner.py):
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import NamedTuple
 
 from .config import MAX_PREFETCH, PINNED_H2D_BYTES_PER_S, fmt_bytes
 from .timeline import simulate_pass
@@ -218,6 +219,94 @@ def _check_inputs(block_bytes, budget_bytes, activation_bytes, seconds_per_block
         raise ValueError(f"plan: h2d_bytes_per_s must be > 0, got {h2d_bytes_per_s!r}")
 
 
+class _Candidate(NamedTuple):
+    """One arrangement the planner weighs: which blocks stay resident, how the rest group, how deep to prefetch."""
+
+    rank: int  # index of the layout in RESIDENT_LAYOUTS (a tie-breaker)
+    layout: str
+    resident_count: int  # resident blocks
+    resident_bytes: int
+    chunk_size: int
+    prefetch: int
+    groups: tuple[tuple[int, ...], ...]
+    resident: tuple[bool, ...]  # per group
+    group_bytes: tuple[int, ...]  # per group
+    slot_bytes: int  # the largest streamed group: every transfer slot has its size
+
+    @property
+    def weights_bytes(self) -> int:
+        """Device bytes of the blocks: resident + (prefetch + 1) slots; activations and margin come on top."""
+        return self.resident_bytes + (self.prefetch + 1) * self.slot_bytes
+
+
+def _candidates(block_bytes, chunks, depths):
+    """Every arrangement with at least one streamed block, in the planner's order (all resident is not one)."""
+    n = len(block_bytes)
+    for rank, (layout, (place, _)) in enumerate(RESIDENT_LAYOUTS.items()):
+        for r in range(0 if rank == 0 else 1, n):  # r == 0 once: it is the same for every layout
+            flags = place(n, r)
+            resident_bytes = sum(b for b, f in zip(block_bytes, flags) if f)
+            for chunk in chunks:
+                groups = tuple(_groups(flags, chunk))
+                resident = tuple(flags[g[0]] for g in groups)
+                g_bytes = tuple(sum(block_bytes[i] for i in g) for g in groups)
+                slot = max(b for b, res in zip(g_bytes, resident) if not res)
+                for depth in depths:
+                    yield _Candidate(rank, layout, r, resident_bytes, chunk, depth, groups, resident, g_bytes, slot)
+
+
+@dataclass(frozen=True)
+class Floor:
+    """The smallest budget that runs a list of blocks, and what it is made of (for messages)."""
+
+    budget_bytes: int  # resident + slots + activations + margin
+    n_blocks: int
+    resident_count: int  # resident blocks (n_blocks: all resident, nothing streamed)
+    resident_bytes: int
+    slot_count: int
+    slot_bytes: int
+    chunk_size: int  # blocks per streamed group (up to); 0 when nothing is streamed
+    activation_bytes: int
+    margin_bytes: int
+
+    def describe(self) -> str:
+        """'<bytes> bytes (<GiB>) = 2 transfer slots x 100.00 MiB (...) + activations ... + margin ...'"""
+        parts = [f"{self.resident_count} resident block(s) {fmt_bytes(self.resident_bytes)}"] if self.resident_count else []
+        if self.resident_count < self.n_blocks:
+            parts.append(f"{self.slot_count} transfer slots x {fmt_bytes(self.slot_bytes)} (largest group of up to "
+                         f"{self.chunk_size} block(s))")
+        parts += [f"activations {fmt_bytes(self.activation_bytes)}", f"margin {fmt_bytes(self.margin_bytes)}"]
+        return f"{self.budget_bytes} bytes ({fmt_bytes(self.budget_bytes)}) = {' + '.join(parts)}"
+
+
+def floor(block_bytes: list[int], activation_bytes: int, *, chunk_size: int = 0, prefetch: int = 0,
+          margin_bytes: int = 0) -> Floor:
+    """The smallest budget with which plan() (same arguments) succeeds: below it, plan() raises BudgetTooSmall.
+
+    Made from the same candidates plan() weighs, so the two never disagree; it does no timing, so it is
+    cheap enough to call before sampling. It grows byte for byte with activation_bytes.
+
+    >>> MiB = 2**20
+    >>> f = floor([100 * MiB] * 8, activation_bytes=30 * MiB, margin_bytes=10 * MiB)
+    >>> f.budget_bytes // MiB, f.slot_count, f.resident_count  # 2 slots of one block + activations + margin
+    (240, 2, 0)
+    >>> plan([100 * MiB] * 8, budget_bytes=f.budget_bytes, activation_bytes=30 * MiB, margin_bytes=10 * MiB).device_bytes // MiB
+    240
+    """
+    _check_inputs(block_bytes, 0, activation_bytes, None, PINNED_H2D_BYTES_PER_S, chunk_size, prefetch, margin_bytes)
+    n, total = len(block_bytes), sum(block_bytes)
+    # With forced big chunks or deep prefetch, keeping everything resident can be the cheapest way to run.
+    low = Floor(total + activation_bytes + margin_bytes, n, n, total, 0, 0, 0, activation_bytes, margin_bytes)
+    chunks = (chunk_size,) if chunk_size else CHUNK_CANDIDATES
+    depths = (prefetch,) if prefetch else PREFETCH_CANDIDATES
+    for c in _candidates(block_bytes, chunks, depths):
+        device = c.weights_bytes + activation_bytes + margin_bytes
+        if device < low.budget_bytes:
+            low = Floor(device, n, c.resident_count, c.resident_bytes, c.prefetch + 1, c.slot_bytes, c.chunk_size,
+                        activation_bytes, margin_bytes)
+    return low
+
+
 def plan(
     block_bytes: list[int],
     budget_bytes: int,
@@ -251,42 +340,23 @@ def plan(
     chunks = (chunk_size,) if chunk_size else CHUNK_CANDIDATES
     depths = (prefetch,) if prefetch else PREFETCH_CANDIDATES
     best = None  # (key, Plan kwargs)
-    # (device bytes, chunk, prefetch, resident blocks, resident bytes, slot bytes); with big slots
-    # (forced chunk/prefetch) keeping everything resident can be the cheapest way to run
-    all_resident = sum(block_bytes) + activation_bytes + margin_bytes
-    smallest = (all_resident, 0, 0, n, sum(block_bytes), 0)
-    for rank, (layout, (place, _)) in enumerate(RESIDENT_LAYOUTS.items()):
-        for r in range(0 if rank == 0 else 1, n):  # r == n (all resident) was handled above; r == 0 once
-            flags = place(n, r)
-            resident_bytes = sum(b for b, f in zip(block_bytes, flags) if f)
-            for chunk in chunks:
-                groups = _groups(flags, chunk)
-                resident = [flags[g[0]] for g in groups]
-                g_bytes = [sum(block_bytes[i] for i in g) for g in groups]
-                g_seconds = [sum(seconds[i] for i in g) for g in groups]
-                slot = max(b for b, res in zip(g_bytes, resident) if not res)
-                for depth in depths:
-                    device = resident_bytes + (depth + 1) * slot + activation_bytes + margin_bytes
-                    if device < smallest[0]:
-                        smallest = (device, chunk, depth, r, resident_bytes, slot)
-                    if device > budget_bytes:
-                        continue
-                    t = simulate_pass(g_bytes, g_seconds, resident, depth, h2d_bytes_per_s, COPY_OVERHEAD_S)
-                    key = (round(t, 12), -resident_bytes, device, depth, rank, chunk)
-                    if best is None or key < best[0]:
-                        best = (key, dict(groups=tuple(groups), resident=tuple(resident), prefetch=depth,
-                                          chunk_size=chunk, predicted_s=t, layout=layout))
+    for c in _candidates(block_bytes, chunks, depths):
+        if c.weights_bytes + activation_bytes + margin_bytes > budget_bytes:
+            continue
+        g_seconds = [sum(seconds[i] for i in g) for g in c.groups]
+        t = simulate_pass(c.group_bytes, g_seconds, c.resident, c.prefetch, h2d_bytes_per_s, COPY_OVERHEAD_S)
+        key = (round(t, 12), -c.resident_bytes, c.weights_bytes, c.prefetch, c.rank, c.chunk_size)
+        if best is None or key < best[0]:
+            best = (key, dict(groups=c.groups, resident=c.resident, prefetch=c.prefetch,
+                              chunk_size=c.chunk_size, predicted_s=t, layout=c.layout))
     if best is None:
-        device, chunk, depth, r, resident_bytes, slot = smallest
-        parts = [f"{r} resident block(s) {fmt_bytes(resident_bytes)}"] if r else []
-        if r < n:
-            parts.append(f"{depth + 1} transfer slots x {fmt_bytes(slot)} (largest group of up to {chunk} block(s))")
-        parts += [f"activations {fmt_bytes(activation_bytes)}", f"margin {fmt_bytes(margin_bytes)}"]
+        low = floor(block_bytes, activation_bytes, chunk_size=chunk_size, prefetch=prefetch,
+                    margin_bytes=margin_bytes)
         raise BudgetTooSmall(
             f"budget_bytes={budget_bytes} ({fmt_bytes(budget_bytes)}) is below the smallest budget that runs "
-            f"these {n} blocks: {device} bytes ({fmt_bytes(device)}) = {' + '.join(parts)}. "
-            f"Raise budget_bytes to at least {device}, or lower the resolution/batch (activations)"
+            f"these {n} blocks: {low.describe()}. "
+            f"Raise budget_bytes to at least {low.budget_bytes}, or lower the resolution/batch (activations)"
             + (" or chunk_size/prefetch" if chunk_size or prefetch else "") + ".",
-            smallest_budget_bytes=device,
+            smallest_budget_bytes=low.budget_bytes,
         )
     return Plan(**best[1], **common)

@@ -1,0 +1,196 @@
+"""ChunkedOffloadUNet refuses a VRAM budget below the model's floor before sampling starts (in-process, CPU).
+
+The floor is the planner's (offload.floor): the cheapest arrangement of resident blocks and transfer slots,
+plus ComfyUI's activation estimate for one model call, plus the streamer's margin. One model call holds
+2 latents per image when CFG runs the negative. Each refusal must come before the first step: a
+PREDICT_NOISE wrapper (it runs once per step, before the model) counts the steps that started, so a
+refusal made only when the first step plans would fail these tests. A refusal leaves nothing behind.
+
+On the CPU the "device" is the host, so budgets here are numbers the planner compares, not real VRAM;
+the Flux is ComfyUI's own class at hidden size 32 (fp32), built in-process: no file, fast steps.
+"""
+import importlib
+import types
+
+import pytest
+import torch
+
+pytestmark = pytest.mark.comfy
+MiB = 1 << 20
+SIDE = 8  # latent side: [B, 16, 8, 8]
+
+
+@pytest.fixture(scope="module")
+def pack(comfy):
+    from harness.pack_import import import_pack
+
+    import_pack()
+    return types.SimpleNamespace(streaming=importlib.import_module("lowvram_kit.nodes.comfy_block_streaming"),
+                                 offload=importlib.import_module("lowvram_kit.offload"))
+
+
+@pytest.fixture(scope="module")
+def flux(comfy):
+    """Flux with 1 double + 3 single blocks: the double block is the largest, so the floor streams."""
+    import comfy.model_management as mm
+    import comfy.model_patcher
+    import comfy.supported_models
+
+    cfg = dict(image_model="flux", in_channels=16, out_channels=16, vec_in_dim=768, context_in_dim=64,
+               hidden_size=32, mlp_ratio=4.0, num_heads=2, depth=1, depth_single_blocks=3, axes_dim=[4, 6, 6],
+               theta=10000, patch_size=2, qkv_bias=True, guidance_embed=True)
+    mc = comfy.supported_models.Flux(cfg)
+    mc.set_inference_dtype(torch.float32, None)
+    model = mc.get_model({})
+    g = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.copy_(torch.randn(p.shape, generator=g) * 0.05)
+    return comfy.model_patcher.ModelPatcher(model, load_device=mm.get_torch_device(),
+                                            offload_device=mm.unet_offload_device())
+
+
+class StepCounter:
+    """PREDICT_NOISE wrapper: counts the sampling steps that started (before the model is called)."""
+
+    def __init__(self):
+        self.calls = 0
+
+    def __call__(self, executor, *args, **kwargs):
+        self.calls += 1
+        return executor(*args, **kwargs)
+
+
+def streamed(pack, model, budget_bytes):
+    from comfy.patcher_extension import WrappersMP
+
+    settings = pack.streaming.StreamingSettings(budget_bytes, 0, 0, False)
+    clone, session = pack.streaming.stream_blocks(model, settings)
+    steps = StepCounter()
+    clone.add_wrapper_with_key(WrappersMP.PREDICT_NOISE, "test_steps", steps)
+    return clone, session, steps
+
+
+def run(model, cfg, steps=2):
+    import comfy.sample
+
+    g = torch.Generator().manual_seed(0)
+    latent = torch.zeros(1, 16, SIDE, SIDE)
+    noise = torch.randn(latent.shape, generator=g)
+    pos = [[torch.randn(1, 8, 64, generator=g), {"pooled_output": torch.randn(1, 768, generator=g), "guidance": 3.5}]]
+    neg = [[torch.randn(1, 8, 64, generator=g), {"pooled_output": torch.randn(1, 768, generator=g), "guidance": 3.5}]]
+    with torch.no_grad():
+        return comfy.sample.sample(model, noise, steps, cfg, "euler", "simple", pos, neg, latent, seed=0,
+                                   disable_pbar=True)
+
+
+def floor_bytes(pack, session, model, latents_per_call):
+    """The planner's floor for one model call on [latents_per_call, 16, 8, 8], made here, not by the adapter."""
+    act = int(model.model.memory_required([latents_per_call, 16, SIDE, SIDE]))
+    return pack.offload.floor(pack.offload.block_nbytes(session.blocks), act, margin_bytes=256 * MiB).budget_bytes
+
+
+def assert_nothing_left(session, loaded_weight_bytes):
+    assert session.streamer is None and session.attached_for is None
+    assert not any(b._forward_pre_hooks or b._forward_hooks for b in session.blocks)
+    assert not any(getattr(m, "weight_function", None) or getattr(m, "bias_function", None)
+                   for m in session.block_modules())
+    assert session.patcher.model.model_loaded_weight_memory == loaded_weight_bytes
+
+
+def test_explicit_budget_below_floor_is_refused_before_loading_and_names_the_fix(pack, flux, comfy, comfy_cleanup):
+    import comfy.model_management as mm
+
+    clone, session, steps = streamed(pack, flux, 0)
+    floor2 = floor_bytes(pack, session, flux, 2)   # cfg 3: cond and uncond in one call
+    assert floor2 > floor_bytes(pack, session, flux, 1) > 256 * MiB
+    session.settings = pack.streaming.StreamingSettings(floor2 - 1, 0, 0, False)
+    loaded = flux.model.model_loaded_weight_memory
+    with pytest.raises(pack.streaming.BudgetTooSmall) as info:
+        run(clone, cfg=3.0)
+    assert steps.calls == 0, "refused only when the first step planned"
+    assert not any(m is clone for m in mm.loaded_models()), "an explicit budget is checked before ComfyUI loads"
+    msg = str(info.value)
+    assert info.value.smallest_budget_bytes == floor2
+    for part in ("(flux, Flux)", f"{floor2} bytes", "vram_budget_gb", "[2, 16, 8, 8]", "doubled by CFG",
+                 "transfer slots", "activations", "margin", "lower the resolution or batch"):
+        assert part in msg, (part, msg)
+    suggested = float(msg.split("set vram_budget_gb to ")[1].split(" or more")[0])
+    assert suggested * (1 << 30) >= floor2 and suggested % 0.25 == 0
+    assert_nothing_left(session, loaded)
+
+    # The smallest budget named is the one the first step's plan accepts: the same sampling runs with it.
+    ok, ok_session, ok_steps = streamed(pack, flux, floor2)
+    out = run(ok, cfg=3.0)
+    assert ok_steps.calls == 2 and ok_session.streamer is not None
+    plan = ok_session.streamer.plan  # made at the first step, for the 2 latents the check assumed
+    assert plan.device_bytes <= floor2 and plan.activation_bytes == int(flux.model.memory_required([2, 16, SIDE, SIDE]))
+    mm.unload_all_models()
+    assert ok_session.streamer is None
+    assert torch.equal(out, run(flux, cfg=3.0))
+
+
+def test_cfg_doubles_the_latents_per_call(pack, flux, comfy_cleanup):
+    clone, session, steps = streamed(pack, flux, 0)
+    session.settings = pack.streaming.StreamingSettings(floor_bytes(pack, session, flux, 1), 0, 0, False)
+    run(clone, cfg=1.0)  # cfg 1 skips the negative: one latent per call fits
+    assert steps.calls == 2 and session.streamer is not None
+    held, streamer_bytes = flux.model.model_loaded_weight_memory, session.streamer.device_bytes
+    assert held >= streamer_bytes > 0
+    with pytest.raises(pack.streaming.BudgetTooSmall) as info:
+        run(clone, cfg=3.0)
+    assert steps.calls == 2, "a step of the refused sampling started"
+    assert info.value.smallest_budget_bytes == floor_bytes(pack, session, flux, 2)
+    assert "doubled by CFG" in str(info.value) and "cfg 1.0 would halve them" in str(info.value)
+    assert_nothing_left(session, held - streamer_bytes)  # the streamer of the first sampling is released
+
+
+def test_auto_budget_is_free_memory_after_loading_and_refused_before_the_first_step(pack, flux, comfy_cleanup,
+                                                                                    monkeypatch):
+    import comfy.model_management as mm
+
+    clone, session, steps = streamed(pack, flux, 0)
+    floor2 = floor_bytes(pack, session, flux, 2)
+    seen = []
+
+    def free_bytes(device):
+        seen.append(any(m is clone for m in mm.loaded_models()))
+        return floor2 - 1
+
+    monkeypatch.setattr(session, "free_bytes", free_bytes)
+    loaded = flux.model.model_loaded_weight_memory
+    with pytest.raises(pack.streaming.BudgetTooSmall) as info:
+        run(clone, cfg=3.0)
+    assert steps.calls == 0 and seen == [True], "auto reads free memory once ComfyUI loaded the rest"
+    assert info.value.smallest_budget_bytes == floor2
+    assert "(auto: the VRAM free after ComfyUI loaded the rest of the model)" in str(info.value)
+    assert "free 1 B more VRAM" in str(info.value)
+    mm.unload_all_models()
+    assert_nothing_left(session, loaded)
+
+
+def test_refused_first_step_plan_leaves_no_weight_patches(pack, flux):
+    """The plan made at the first step still refuses (the safety net behind the check before sampling);
+    the LoRA weight functions it installed on the blocks go with it."""
+    clone, session, _ = streamed(pack, flux, 0)
+    session.settings = pack.streaming.StreamingSettings(floor_bytes(pack, session, flux, 1) - 1, 0, 0, False)
+    key = "diffusion_model.double_blocks.0.img_mlp.0.weight"
+    clone.add_patches({key: (torch.zeros_like(flux.get_model_object(key)),)}, 1.0)
+    with pytest.raises(pack.streaming.BudgetTooSmall):
+        session.attach(clone, torch.device("cpu"), [1, 16, SIDE, SIDE])
+    assert_nothing_left(session, flux.model.model_loaded_weight_memory)
+
+
+def test_a_budget_the_blocks_alone_exceed_says_resolution_cannot_help(pack, flux, comfy_cleanup):
+    clone, session, steps = streamed(pack, flux, 0)
+    session.settings = pack.streaming.StreamingSettings(256 * MiB + 1, 2, 1, False)  # forced chunk and prefetch
+    with pytest.raises(pack.streaming.BudgetTooSmall) as info:
+        run(clone, cfg=1.0)
+    msg = str(info.value)
+    assert steps.calls == 0
+    assert "lower resolution or batch cannot help" in msg and "lower the resolution" not in msg
+    assert "set chunk_size and prefetch to 0 (auto)" in msg
+    # with the forced chunk and prefetch, the floor's breakdown is what offload.floor says for them
+    low = pack.offload.floor(pack.offload.block_nbytes(session.blocks), int(flux.model.memory_required(
+        [1, 16, SIDE, SIDE])), chunk_size=2, prefetch=1, margin_bytes=256 * MiB)
+    assert low.describe() in msg and info.value.smallest_budget_bytes == low.budget_bytes
