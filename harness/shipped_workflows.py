@@ -6,6 +6,7 @@ from bench/ measurements; the note in each file names the model files, their fol
 """
 from __future__ import annotations
 
+import dataclasses
 import json
 import sys
 import tempfile
@@ -31,6 +32,26 @@ FLUX_AE = {"name": "ae.safetensors", "directory": "vae",
 POSITIVE = "a lighthouse on a cliff at dusk, volumetric light, detailed, 35mm photo"
 NEGATIVE = "blurry, low quality, watermark"
 
+# VRAMGuard on the MODEL input of every KSampler (issue #6). Widgets not named keep the node's defaults
+# (headroom_gb 0.5, oom_retries 2).
+GUARD = {"budget_gb": 0.0, "policy": "adapt", "report": True}
+GUARD_NOTE = ("VRAMGuard (policy adapt, budget 0 = what the card has free) predicts the peak VRAM before sampling "
+              "and adapts the plan (fewer resident weights, smaller batch runs, tiled decode) or stops with a clear "
+              "message saying what to change; its report (peak and time per stage) appears on the node after the "
+              "run.")
+
+
+def _guarded(nodes: list) -> list:
+    """`nodes` with a VRAMGuard (id: one above the highest) between the KSampler and what fed its model."""
+    guard_id = max(n.id for n in nodes) + 1
+    out = []
+    for n in nodes:
+        if n.type == "KSampler":
+            out.append(NodeSpec(guard_id, "VRAMGuard", GUARD, links={"model": n.links["model"]}, size=(340, 220)))
+            n = dataclasses.replace(n, links={**n.links, "model": (guard_id, 0)})
+        out.append(n)
+    return out
+
 
 def _flux_nodes(streamed: bool) -> list:
     """Flux-dev text-to-image: Float8DiTLoader, optionally ChunkedOffloadUNet (node 2, the rest shift by one)
@@ -40,7 +61,7 @@ def _flux_nodes(streamed: bool) -> list:
                        size=(340, 160)) if streamed
               else NodeSpec(9, "VAEDecode", links={"samples": (7, 0), "vae": (8, 0)}))
     stream = [NodeSpec(2, "ChunkedOffloadUNet", {"vram_budget_gb": 0.0}, links={"model": (1, 0)}, size=(340, 160))]
-    return [
+    return _guarded([
         NodeSpec(1, "Float8DiTLoader", {"model_name": FLUX_DEV["name"]}, properties={"models": [FLUX_DEV]},
                  size=(340, 200)),
         *(stream if streamed else []),
@@ -58,7 +79,7 @@ def _flux_nodes(streamed: bool) -> list:
         NodeSpec(8 + o, "VAELoader", {"vae_name": FLUX_AE["name"]}, properties={"models": [FLUX_AE]}),
         decode,
         NodeSpec(10 + o, "SaveImage", {"filename_prefix": "lowvram_flux"}, links={"images": (9 + o, 0)}),
-    ]
+    ])
 
 
 def _sdxl_nodes(decode_type: str) -> list:
@@ -66,7 +87,7 @@ def _sdxl_nodes(decode_type: str) -> list:
     decode = (NodeSpec(6, "LazyVAEDecode", {"tiling": "auto"}, links={"samples": (5, 0), "vae": (1, 2)},
                        size=(340, 160)) if decode_type == "LazyVAEDecode"
               else NodeSpec(6, "VAEDecode", links={"samples": (5, 0), "vae": (1, 2)}))
-    return [
+    return _guarded([
         NodeSpec(1, "CheckpointLoaderSimple", {"ckpt_name": SDXL_CKPT["name"]}, properties={"models": [SDXL_CKPT]}),
         NodeSpec(2, "CLIPTextEncode", {"text": POSITIVE}, links={"clip": (1, 1)}, title="Positive", size=(400, 160)),
         NodeSpec(3, "CLIPTextEncode", {"text": NEGATIVE}, links={"clip": (1, 1)}, title="Negative", size=(400, 160)),
@@ -76,14 +97,14 @@ def _sdxl_nodes(decode_type: str) -> list:
                  links={"model": (1, 0), "positive": (2, 0), "negative": (3, 0), "latent_image": (4, 0)}),
         decode,
         NodeSpec(7, "SaveImage", {"filename_prefix": "lowvram_sdxl"}, links={"images": (6, 0)}),
-    ]
+    ])
 
 
 def sdxl_24gb() -> GraphSpec:
     note = ("## SDXL on a 24 GB card\n\nModel: `sd_xl_base_1.0.safetensors` (6.9 GB) in `models/checkpoints/`.\n\n"
             "SDXL's UNet (5.1 GB fp16), both CLIPs and the VAE fit a 24 GB card resident, so this graph uses "
-            "ComfyUI's own nodes only; the 12 and 16 GB variants use the LowVRAM Kit nodes.\n\n"
-            "1024x1024, 25 steps, euler, CFG 6.")
+            "ComfyUI's own loader, sampler and decoder; the 12 and 16 GB variants decode with LazyVAEDecode.\n\n"
+            f"{GUARD_NOTE}\n\n1024x1024, 25 steps, euler, CFG 6.")
     return GraphSpec(nodes=_sdxl_nodes("VAEDecode"), notes=[("Read me", note, (40, 700))])
 
 
@@ -94,7 +115,7 @@ def flux_dev_24gb() -> GraphSpec:
             "Float8DiTLoader quantizes the bf16 file to fp8 with per-channel scales while it loads (11.1 GiB "
             "resident) and computes with fp8 matmul on RTX 40xx / H100 and newer; the whole model stays on a "
             "24 GB card. Tick save_quantized_copy once to write an fp8 copy that loads faster.\n\n"
-            "1024x1024, 20 steps, euler/simple, guidance 3.5.")
+            f"{GUARD_NOTE}\n\n1024x1024, 20 steps, euler/simple, guidance 3.5.")
     return GraphSpec(nodes=_flux_nodes(streamed=False), notes=[("Read me", note, (40, 760))])
 
 
@@ -114,7 +135,8 @@ def newbie_16gb() -> GraphSpec:
             "`models/vae/`.\n\nFloat8DiTLoader loads the DiT as fp8 with per-channel scales (3.5 GB) including "
             "NewBie's Jina pooled path, which ComfyUI 0.3.x drops; NewBieTextEncoderLoader loads Gemma-3-4B-it and "
             "Jina CLIP v2 as fp8 too (about 5.4 GB together, embeddings kept bf16), so text encoders, DiT and VAE "
-            "fit 16 GB with room for 1024x1024. With 24 GB set weight_format to default.\n\nFlow matching, shift 6 "
+            f"fit 16 GB with room for 1024x1024. With 24 GB set weight_format to default.\n\n{GUARD_NOTE}\n\n"
+            "Flow matching, shift 6 "
             "(ModelSamplingAuraFlow), 24 steps, euler, CFG 4.5 (model card: CFG 4-5, 18-28 steps).")
     dit = NodeSpec(1, "Float8DiTLoader", {"model_name": NEWBIE_DIT["name"]}, properties={"models": [NEWBIE_DIT]},
                    size=(340, 200))
@@ -142,7 +164,10 @@ ZIMAGE_DIT = {"name": "z_image_turbo_bf16.safetensors", "directory": "diffusion_
 QWEN3_4B = {"name": "qwen_3_4b.safetensors", "directory": "text_encoders",
             "url": f"{ZIMAGE}/text_encoders/qwen_3_4b.safetensors"}
 ZIMAGE_AE = {**FLUX_AE, "url": f"{ZIMAGE}/vae/ae.safetensors"}
-ZIMAGE_LORA = "z_image_turbo_example_lora.safetensors"
+# Comfy-Org's bf16 repack of DiffSynth-Studio/Z-Image-Turbo-DistillPatch (158,826,336 bytes): keeps Turbo's
+# 8-step behaviour when LoRAs trained on Z-Image are applied.
+ZIMAGE_LORA = {"name": "z_image_turbo_distill_patch_lora_bf16.safetensors", "directory": "loras",
+               "url": f"{ZIMAGE}/loras/z_image_turbo_distill_patch_lora_bf16.safetensors"}
 FLUX_FILES = ("Models: `flux1-dev.safetensors` (23.8 GB, bf16) in `models/diffusion_models/`; `clip_l.safetensors` "
               "and `t5xxl_fp16.safetensors` in `models/text_encoders/`; `ae.safetensors` in `models/vae/`.")
 # Card tier -> what the note says about it (the nearest measured budget: auto leaves ~2-4 GiB for the rest).
@@ -156,7 +181,8 @@ def flux_dev_streamed(tier: int) -> GraphSpec:
     note = (f"## Flux.1-dev on a {tier} GB card\n\n{FLUX_FILES}\n\nFloat8DiTLoader quantizes the bf16 file to "
             f"fp8 with per-channel scales while it loads (11.1 GiB, more than the card can hold with "
             f"activations). {STREAM_NOTE} ComfyUI moves the text encoders to system RAM after encoding.\n\n"
-            f"{MEASURED} Here {FLUX_TIER_BASIS[tier]}.\n\n1024x1024, 20 steps, euler/simple, guidance 3.5.")
+            f"{MEASURED} Here {FLUX_TIER_BASIS[tier]}.\n\n{GUARD_NOTE}\n\n1024x1024, 20 steps, euler/simple, "
+            "guidance 3.5.")
     return GraphSpec(nodes=_flux_nodes(streamed=True), notes=[("Read me", note, (40, 760))])
 
 
@@ -167,12 +193,12 @@ def sdxl_lazy_decode(tier: int) -> GraphSpec:
             "when a full decode would not fit (tiling auto) and frees the VAE afterwards. Measured on an H200 "
             f"({BENCH} and the vae_attention results): a tiled 1024x1024 decode peaked at 0.91 GiB where "
             "ComfyUI's VAEDecode took 11.9 GiB (Flux AE; the SDXL VAE has the same decoder widths)."
-            "\n\n1024x1024, 25 steps, euler, CFG 6.")
+            f"\n\n{GUARD_NOTE}\n\n1024x1024, 25 steps, euler, CFG 6.")
     return GraphSpec(nodes=_sdxl_nodes("LazyVAEDecode"), notes=[("Read me", note, (40, 700))])
 
 
 def _newbie_nodes(dit: NodeSpec, te_format: str, model_out: tuple, decode: NodeSpec, extra=()) -> list:
-    return [dit, *extra,
+    return _guarded([dit, *extra,
             NodeSpec(3, "NewBieTextEncoderLoader", {"gemma_name": NEWBIE_GEMMA, "jina_name": NEWBIE_JINA,
                                                     "weight_format": te_format}, size=(340, 160)),
             NodeSpec(4, "NewBieXMLPrompt", {"character_1_name": "hatsune miku", "character_1_gender": "1girl",
@@ -189,7 +215,7 @@ def _newbie_nodes(dit: NodeSpec, te_format: str, model_out: tuple, decode: NodeS
                      links={"model": model_out, "positive": (5, 0), "negative": (6, 0), "latent_image": (7, 0)}),
             NodeSpec(9, "VAELoader", {"vae_name": FLUX_AE["name"]}, properties={"models": [FLUX_AE]}),
             decode,
-            NodeSpec(11, "SaveImage", {"filename_prefix": "lowvram_newbie"}, links={"images": (10, 0)})]
+            NodeSpec(11, "SaveImage", {"filename_prefix": "lowvram_newbie"}, links={"images": (10, 0)})])
 
 
 NEWBIE_FILES = ("Models: `NewBie-Image-Exp0.1.safetensors` (7.0 GB bf16: NewBie-AI/NewBie-image-Exp0.1's "
@@ -204,7 +230,8 @@ def newbie_12gb() -> GraphSpec:
     note = ("## NewBie-image Exp0.1 on a 12 GB card\n\n" + NEWBIE_FILES + "\n\nFloat8DiTLoader loads the DiT as "
             "fp8 with per-channel scales (3.5 GB, Jina pooled path included) and NewBieTextEncoderLoader loads "
             f"Gemma-3-4B-it and Jina CLIP v2 as fp8 (about 5.4 GB). {STREAM_NOTE} With CFG the DiT runs twice "
-            f"per step, so 1024x1024 activations need the headroom.\n\n{MEASURED}\n\n{NEWBIE_SAMPLING}")
+            f"per step, so 1024x1024 activations need the headroom.\n\n{MEASURED}\n\n{GUARD_NOTE}\n\n"
+            f"{NEWBIE_SAMPLING}")
     dit = NodeSpec(1, "Float8DiTLoader", {"model_name": NEWBIE_DIT["name"]}, properties={"models": [NEWBIE_DIT]},
                    size=(340, 200))
     extra = (NodeSpec(2, "ModelSamplingAuraFlow", {"shift": 6.0}, links={"model": (1, 0)}),
@@ -218,8 +245,8 @@ def newbie_24gb() -> GraphSpec:
     note = ("## NewBie-image Exp0.1 on a 24 GB card\n\n" + NEWBIE_FILES + "\n\nEverything fits a 24 GB card in "
             "bf16: NewBieDiTLoader loads the DiT (7.0 GB) with NewBie's Jina pooled path, which ComfyUI 0.3.x "
             "drops; NewBieTextEncoderLoader loads both text encoders at their file precision (8.9 GB), and "
-            "ComfyUI moves them off the GPU after encoding. The 12 and 16 GB variants use fp8 weights.\n\n"
-            + NEWBIE_SAMPLING)
+            f"ComfyUI moves them off the GPU after encoding. The 12 and 16 GB variants use fp8 weights.\n\n"
+            f"{GUARD_NOTE}\n\n{NEWBIE_SAMPLING}")
     dit = NodeSpec(1, "NewBieDiTLoader", {"unet_name": NEWBIE_DIT["name"]}, properties={"models": [NEWBIE_DIT]})
     extra = (NodeSpec(2, "ModelSamplingAuraFlow", {"shift": 6.0}, links={"model": (1, 0)}),)
     decode = NodeSpec(10, "VAEDecode", links={"samples": (8, 0), "vae": (9, 0)})
@@ -234,9 +261,12 @@ ZIMAGE_TIER = {
     24: ("Float8DiTLoader quantizes the DiT to fp8 with per-channel scales while it loads (6.2 GB) and computes "
          "with fp8 matmul where the GPU has it; the DiT stays resident, ComfyUI moves Qwen3-4B (8.0 GB) off the "
          "GPU after encoding."),
-    16: ("Float8DiTLoader loads the DiT as fp8 (6.2 GB). A LoRA is applied on top (LoraLoaderModelOnly): put "
-         f"yours in `models/loras/` and pick it (the file name `{ZIMAGE_LORA}` is a placeholder; LoRAs trained "
-         f"for Z-Image-Turbo in ComfyUI or diffusers key layout load). {STREAM_NOTE}"),
+    16: ("Float8DiTLoader loads the DiT as fp8 (6.2 GB). A LoRA is applied on top (LoraLoaderModelOnly, strength "
+         f"1.0): the example is `{ZIMAGE_LORA['name']}` (159 MB, in `models/loras/`), Comfy-Org's bf16 repack of "
+         "DiffSynth-Studio/Z-Image-Turbo-DistillPatch, which keeps Turbo's 8-step behaviour when LoRAs trained on "
+         "Z-Image are applied. Swap in your own style or character LoRA (ComfyUI or diffusers key layout), or "
+         "keep the distill patch and chain a second LoraLoaderModelOnly with yours after it. "
+         f"{STREAM_NOTE}"),
     12: f"Float8DiTLoader loads the DiT as fp8 (6.2 GB). {STREAM_NOTE}",
 }
 
@@ -244,13 +274,15 @@ ZIMAGE_TIER = {
 def z_image_turbo(tier: int) -> GraphSpec:
     lora = tier == 16
     note = (f"## Z-Image-Turbo on a {tier} GB card{' with a LoRA' if lora else ''}\n\n{ZIMAGE_FILES}\n\n"
-            f"{ZIMAGE_TIER[tier]}" + ("" if tier == 24 else f"\n\n{MEASURED}") + f"\n\n1024x1024. {ZIMAGE_SAMPLING}")
+            f"{ZIMAGE_TIER[tier]}" + ("" if tier == 24 else f"\n\n{MEASURED}")
+            + f"\n\n{GUARD_NOTE}\n\n1024x1024. {ZIMAGE_SAMPLING}")
     nodes = [NodeSpec(1, "Float8DiTLoader", {"model_name": ZIMAGE_DIT["name"]}, properties={"models": [ZIMAGE_DIT]},
                       size=(340, 200))]
     model = (1, 0)
     if lora:
-        nodes.append(NodeSpec(12, "LoraLoaderModelOnly", {"lora_name": ZIMAGE_LORA, "strength_model": 0.8},
-                              links={"model": model}, title="LoRA (pick yours)"))
+        nodes.append(NodeSpec(12, "LoraLoaderModelOnly", {"lora_name": ZIMAGE_LORA["name"], "strength_model": 1.0},
+                              links={"model": model}, properties={"models": [ZIMAGE_LORA]},
+                              title="LoRA (distill patch; swap in yours)"))
         model = (12, 0)
     nodes.append(NodeSpec(2, "ModelSamplingAuraFlow", {"shift": 3.0}, links={"model": model}))
     model = (2, 0)
@@ -272,7 +304,7 @@ def z_image_turbo(tier: int) -> GraphSpec:
         NodeSpec(9, decode[0], decode[1], links={"samples": (7, 0), "vae": (8, 0)}, size=(340, 160)),
         NodeSpec(10, "SaveImage", {"filename_prefix": "lowvram_zimage"}, links={"images": (9, 0)}),
     ]
-    return GraphSpec(nodes=nodes, notes=[("Read me", note, (40, 760))])
+    return GraphSpec(nodes=_guarded(nodes), notes=[("Read me", note, (40, 760))])
 
 
 # File stem -> builder. Names are forever once shipped (users' links and the README point at them).

@@ -11,7 +11,7 @@ Sizes: `full` is the published file's exact key set; `tiny` keeps whatever Comfy
 reads (Flux: 1 double + 1 single block at width 3072; NewBie/Z-Image: 1 main layer; SDXL: the
 Segmind-Vega UNet topology with full text towers and VAE; text encoders: fewer layers/heads/FFN through
 a model_options override stored in the file's metadata, output width kept where a DiT consumes it;
-VAEs: full). Each family module's docstring says why.
+VAEs: full; LoRAs: the blocks of the tiny model they patch, at the full rank). Each family module's docstring says why.
 
 No ComfyUI import here: the specs are written from architecture facts; the integration tests
 cross-check them against ComfyUI's own modules built on the meta device.

@@ -35,10 +35,12 @@ class _Progress:
 
 
 def cmd_list(_args) -> int:
-    print(f"{'name':<14} {'folder/filename':<52} {'tiny':>10} {'full':>10}  description")
+    wn = max(len(e.name) for e in REGISTRY.values())
+    wf = max(len(e.folder + "/" + e.filename) for e in REGISTRY.values())
+    print(f"{'name':<{wn}} {'folder/filename':<{wf}} {'tiny':>10} {'full':>10}  description")
     for e in REGISTRY.values():
         sizes = [_gb(model_bytes(e.name, s)) for s in SIZES]
-        print(f"{e.name:<14} {e.folder + '/' + e.filename:<52} {sizes[0]:>10} {sizes[1]:>10}  {e.description}")
+        print(f"{e.name:<{wn}} {e.folder + '/' + e.filename:<{wf}} {sizes[0]:>10} {sizes[1]:>10}  {e.description}")
     return 0
 
 

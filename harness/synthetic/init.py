@@ -11,13 +11,16 @@ import math
 
 import torch
 
-from .spec import BIAS, BYTES, EMBEDDING, NORM, NORM_ZC, POSITION_IDS, SCALAR, WEIGHT, TensorSpec
+from .spec import BIAS, BYTES, EMBEDDING, LORA, NORM, NORM_ZC, POSITION_IDS, SCALAR, WEIGHT, TensorSpec
 
 # Real checkpoints have a few large-magnitude weights per output channel; an fp8 quantizer with
 # per-tensor scales loses precision on them, so the synthetic files carry some on purpose.
 OUTLIERS_PER_ROW = 2
 OUTLIER_GAIN = (6.0, 12.0)   # times the row's std, random sign
 SMALL_STD = 0.02
+# LoRA factors: rank-32 up @ down then has entries of std sqrt(32) * 0.01^2 ~ 6e-4, a few percent of a
+# 3840-wide weight's 1/sqrt(3840) ~ 0.016: the patched model still computes something close to the base.
+LORA_STD = 0.01
 
 
 def key_seed(seed: int, key: str) -> int:
@@ -59,6 +62,7 @@ _MAKERS = {
     NORM_ZC: _normal(SMALL_STD),
     EMBEDDING: _normal(SMALL_STD),
     SCALAR: _normal(0.01, math.log(100.0)),
+    LORA: _normal(LORA_STD),
 }
 
 

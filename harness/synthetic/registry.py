@@ -11,7 +11,7 @@ from typing import Any, Callable
 
 import torch
 
-from . import checkpoint, clip, flux, jina, llm, nextdit, t5, vae
+from . import checkpoint, clip, flux, jina, llm, lora, nextdit, t5, vae
 from .spec import TensorSpec
 
 # Bump when any key generator, config or init rule changes: cached files are then rewritten.
@@ -83,6 +83,10 @@ _ENTRIES = [
     ModelEntry("z-image-turbo", "diffusion_models", "z_image_turbo_bf16.safetensors", nextdit.nextdit_specs,
                {"full": nextdit.ZIMAGE_FULL, "tiny": nextdit.ZIMAGE_TINY}, torch.bfloat16,
                "Z-Image-Turbo S3-DiT, dim 3840, 30 layers (tiny: 1 layer)"),
+    ModelEntry("z-image-turbo-distill-lora", "loras", "z_image_turbo_distill_patch_lora_bf16.safetensors",
+               lora.nextdit_lora_specs, {"full": lora.ZIMAGE_DISTILL_FULL, "tiny": lora.ZIMAGE_DISTILL_TINY},
+               torch.bfloat16, "Z-Image-Turbo distill-patch LoRA, rank 32 on q/k/v/out/w1/w2/w3 of all 34 "
+               "blocks, ComfyUI keys (tiny: the tiny model's 5 blocks)"),
     _te("clip-l", "clip_l.safetensors", clip, clip.clip_hf_specs, clip.CLIP_L_FULL, clip.CLIP_L_TINY,
         torch.float16, "CLIP-L text encoder, HF keys (tiny: 3 layers, FFN 64, width 768)"),
     _te("clip-g", "clip_g.safetensors", clip, clip.clip_hf_specs, clip.CLIP_G_FULL, clip.CLIP_G_TINY,

@@ -19,7 +19,8 @@ EMBEDDING = "embedding"  # token/position tables, pad tokens: N(0, 0.02)
 SCALAR = "scalar"        # a lone learned scalar (CLIP logit_scale): ln(100) + tiny noise
 BYTES = "bytes"          # raw payload (an embedded tokenizer model) supplied by TensorSpec.data
 POSITION_IDS = "position_ids"  # int64 buffer [1, n] = arange(n) (old HF CLIP checkpoints save it)
-KINDS = (WEIGHT, BIAS, NORM, NORM_ZC, EMBEDDING, SCALAR, BYTES, POSITION_IDS)
+LORA = "lora"            # LoRA down/up factor: N(0, 0.01), so up @ down stays a small change of the weight
+KINDS = (WEIGHT, BIAS, NORM, NORM_ZC, EMBEDDING, SCALAR, BYTES, POSITION_IDS, LORA)
 
 # safetensors' dtype names (the JSON header's "dtype" field).
 ST_DTYPE = {

@@ -3,8 +3,10 @@
 The UI file itself is converted (harness.workflow_api.ui_to_api against the server's /object_info), core
 text-encoder loaders are swapped for the test loader of tiny encoders, and the graph is scaled down to one
 step at 256x256 (harness.main.prepare_tiny). One server runs all of them, so the tiny models stay cached in
-its RAM between workflows (ComfyUI reuses a loader's output while its inputs are unchanged); budget: ~10 min on 2 CPU cores. The LoRA workflow gets a small LoRA written here
-with Z-Image's real key names, and the server log must not report a LoRA key it could not map.
+its RAM between workflows (ComfyUI reuses a loader's output while its inputs are unchanged); budget: ~10 min
+on 2 CPU cores. The LoRA workflow's file is a synthetic stand-in from the registry (harness/synthetic/lora.py:
+the real file's keys and rank, the tiny model's blocks), and the server log must not report a LoRA key it
+could not map. Every sampler runs behind a VRAMGuard (issue #6).
 """
 from __future__ import annotations
 
@@ -14,51 +16,26 @@ import zlib
 from pathlib import Path
 
 import pytest
-import torch
 
 from harness.main import available_workflows, collect_images, load_workflow, prepare_tiny
 from harness.paths import REPO_ROOT
 from harness.server import ComfyServer, ServerConfig
+from harness.synthetic import REGISTRY
 from harness.synthetic.cache import default_models_dir
 from harness.workflow_api import TEST_NODES_DIR, ui_to_api
 
 SCALE_DOWN = {"width": 256, "height": 256, "steps": 1}
 PROMPT_TIMEOUT_S = 400
-# Z-Image tiny keeps the real width (3840, 30 heads of 128), so the LoRA below fits the real model too.
-ZIMAGE_DIM, ZIMAGE_FFN, LORA_RANK = 3840, 10240, 4
-# LoRA module (ComfyUI's generic "diffusion_model.<module>" key form) -> (out features, in features).
-ZIMAGE_LORA_MODULES = {
-    "diffusion_model.layers.0.attention.qkv": (3 * ZIMAGE_DIM, ZIMAGE_DIM),
-    "diffusion_model.layers.0.attention.out": (ZIMAGE_DIM, ZIMAGE_DIM),
-    "diffusion_model.layers.0.feed_forward.w1": (ZIMAGE_FFN, ZIMAGE_DIM),
-}
 
 
-def write_zimage_lora(path: Path) -> None:
-    from safetensors.torch import save_file
-
-    g = torch.Generator().manual_seed(0)
-    tensors = {}
-    for module, (out_f, in_f) in ZIMAGE_LORA_MODULES.items():
-        tensors[f"{module}.lora_down.weight"] = (torch.randn(LORA_RANK, in_f, generator=g) * 0.01).to(torch.bfloat16)
-        tensors[f"{module}.lora_up.weight"] = (torch.randn(out_f, LORA_RANK, generator=g) * 0.01).to(torch.bfloat16)
-        tensors[f"{module}.alpha"] = torch.tensor(float(LORA_RANK))
-    path.parent.mkdir(parents=True, exist_ok=True)
-    save_file(tensors, str(path))
-
-
-def lora_names(ui: dict) -> list[str]:
-    return [n["widgets_values"][0] for n in ui["nodes"] if n["type"] == "LoraLoaderModelOnly"]
+def lora_loaders(ui: dict) -> list[dict]:
+    return [n for n in ui["nodes"] if n["type"] == "LoraLoaderModelOnly"]
 
 
 @pytest.fixture(scope="module")
 def models_dir() -> Path:
-    root = default_models_dir("tiny")
-    for name in available_workflows():
-        for lora in lora_names(load_workflow(name)):
-            if not (root / "loras" / lora).is_file():
-                write_zimage_lora(root / "loras" / lora)
-    return root
+    # prepare_tiny writes each workflow's stand-ins here (the LoRA included) before its prompt is queued.
+    return default_models_dir("tiny")
 
 
 @pytest.fixture(scope="module")
@@ -68,6 +45,29 @@ def server(models_dir):
                               extra_node_dirs=(REPO_ROOT / TEST_NODES_DIR,))
         with ComfyServer(config) as srv:
             yield srv
+
+
+@pytest.mark.parametrize("name", available_workflows())
+def test_the_sampler_runs_behind_a_vram_guard(name):
+    ui = load_workflow(name)
+    nodes = {n["id"]: n for n in ui["nodes"]}
+    source = {link[0]: link[1] for link in ui["links"]}          # link id -> source node id
+    (sampler,) = [n for n in ui["nodes"] if n["type"] == "KSampler"]
+    model_link = next(i["link"] for i in sampler["inputs"] if i["name"] == "model")
+    guard = nodes[source[model_link]]
+    assert guard["type"] == "VRAMGuard"
+    assert guard["widgets_values"] == [0.0, 0.5, "adapt", 2, True]   # budget, headroom, policy, retries, report
+    assert "VRAMGuard" in next(n for n in ui["nodes"] if n["type"] == "MarkdownNote")["widgets_values"][0]
+
+
+def test_lora_loaders_name_a_downloadable_file_with_a_synthetic_stand_in():
+    stand_ins = {(e.folder, e.filename) for e in REGISTRY.values()}
+    loaders = [n for name in available_workflows() for n in lora_loaders(load_workflow(name))]
+    assert loaders
+    for node in loaders:
+        (model,) = node["properties"]["models"]
+        assert model["name"] == node["widgets_values"][0] and model["url"].endswith("/" + model["name"])
+        assert ("loras", model["name"]) in stand_ins and model["directory"] == "loras"
 
 
 def test_every_family_and_tier_is_shipped():

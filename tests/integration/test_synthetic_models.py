@@ -7,19 +7,24 @@ For every registry name:
   full: a sparse look-alike (header only, truncated to full length: no data on disk) goes through
         detection, and the full key set/shapes are compared with ComfyUI's own module built on the
         meta device (an independent reference: the generators are written from architecture facts).
+LoRAs: every key of both sizes is taken by ComfyUI's LoRA loader for the model it patches (tiny: the
+written file; full: the spec's shapes on the meta device) and lands on a weight of its shape.
 """
 from __future__ import annotations
+
+import logging
 
 import pytest
 import torch
 
-from harness.synthetic import REGISTRY, get, merged_model_options, model_options, read_info, write_sparse_model
+from harness.synthetic import REGISTRY, SIZES, get, merged_model_options, model_options, read_info, write_sparse_model
 
 pytestmark = pytest.mark.comfy
 
 DITS = ("flux-dev", "flux-schnell", "newbie", "z-image-turbo")
 TES = ("clip-l", "clip-g", "t5xxl", "gemma3-4b", "qwen3-4b")
 VAES = ("flux-ae", "sdxl-vae")
+LORAS = {"z-image-turbo-distill-lora": "z-image-turbo"}   # LoRA -> the model it patches
 # NewBie's Jina pooled path has no module in 0.3.75's NextDiT: ComfyUI drops exactly these ("unet unexpected").
 NEWBIE_JINA_KEYS = {"clip_text_pooled_proj.0.weight", "clip_text_pooled_proj.1.weight",
                     "clip_text_pooled_proj.1.bias", "time_text_embed.1.weight", "time_text_embed.1.bias"}
@@ -56,7 +61,7 @@ NOT_IN_COMFY_0_3_75 = {"jina-clip-v2"}
 
 
 def test_every_registry_name_is_covered():
-    assert set(REGISTRY) == set(DITS) | set(TES) | set(VAES) | {"sdxl"} | NOT_IN_COMFY_0_3_75
+    assert set(REGISTRY) == set(DITS) | set(TES) | set(VAES) | set(LORAS) | {"sdxl"} | NOT_IN_COMFY_0_3_75
 
 
 # ---------------------------------------------------------------- tiny: real files, real loaders
@@ -202,14 +207,23 @@ def test_full_size_text_encoder_detection(comfy, sparse_full, name):
     assert comfy.sd.detect_te_model(sd) == comfy.sd.TEModel[TE_EXPECT[name][2]]
 
 
+def _meta_state_dict(name, size):
+    return {s.key: torch.empty(s.shape, dtype=s.dtype, device="meta") for s in get(name).specs(size)}
+
+
+def _meta_model(comfy, name, size, prefix=""):
+    """ComfyUI's model_base object for our (name, size) spec, detected and built on the meta device."""
+    sd = _meta_state_dict(name, size)
+    config = comfy.model_detection.model_config_from_unet(sd, prefix)
+    return config.get_model(sd, prefix, device=torch.device("meta"))
+
+
 def _meta_reference(comfy, name):
     """ComfyUI's own module for the full-size model, built on the meta device: its state_dict shapes."""
     meta = torch.device("meta")
     if name in DITS or name == "sdxl":
         prefix = "model.diffusion_model." if name == "sdxl" else ""
-        sd = {s.key: torch.empty(s.shape, dtype=s.dtype, device=meta) for s in get(name).specs("full")}
-        config = comfy.model_detection.model_config_from_unet(sd, prefix)
-        module = config.get_model(sd, prefix, device=meta).diffusion_model
+        module = _meta_model(comfy, name, "full", prefix).diffusion_model
         return {prefix + k: tuple(v.shape) for k, v in module.state_dict().items()}
     if name in TES:
         import comfy.sd1_clip
@@ -249,3 +263,34 @@ def test_full_keys_and_shapes_equal_comfy_meta_module(comfy, name):
 def test_full_size_vae_is_the_tiny_one(name):
     entry = get(name)
     assert [(s.key, s.shape) for s in entry.specs("full")] == [(s.key, s.shape) for s in entry.specs("tiny")]
+
+
+# ---------------------------------------------------------------- LoRAs: through ComfyUI's LoRA loader
+
+@pytest.mark.parametrize("size", SIZES)
+@pytest.mark.parametrize("name", sorted(LORAS))
+def test_every_lora_key_is_loaded_onto_a_weight_of_its_shape(comfy, tiny_model, caplog, name, size):
+    import comfy.lora as comfy_lora    # (after the comfy fixture put ComfyUI on sys.path)
+
+    model = _meta_model(comfy, LORAS[name], size)
+    specs = get(name).specs(size)
+    # tiny: the written file, read as ComfyUI reads a user's; full (160 MB): the spec's shapes on the meta device.
+    lora = comfy.utils.load_torch_file(str(tiny_model(name))) if size == "tiny" else _meta_state_dict(name, size)
+    assert set(lora) == {s.key for s in specs}
+    key_map = comfy_lora.model_lora_keys_unet(model, {})
+    with caplog.at_level(logging.WARNING):
+        patches = comfy_lora.load_lora(lora, key_map)
+    assert "lora key not loaded" not in caplog.text
+    assert len(patches) == len(specs) // 2                      # one patch per down/up pair
+    weights = {k: tuple(v.shape) for k, v in model.state_dict().items()}
+    dim = get(LORAS[name]).config(size).dim
+    qkv_offsets = {}
+    for target, adapter in patches.items():
+        # q/k/v land on row slices of the fused qkv weight: (key, (dim 0, offset, length)).
+        key, (_, offset, length) = target if isinstance(target, tuple) else (target, (0, 0, None))
+        up, down = adapter.weights[0], adapter.weights[1]
+        rows, cols = weights[key]
+        assert (up.shape[0], down.shape[1]) == (length or rows, cols), target
+        if isinstance(target, tuple):
+            qkv_offsets.setdefault(key, set()).add(offset)
+    assert qkv_offsets and all(v == {0, dim, 2 * dim} for v in qkv_offsets.values())

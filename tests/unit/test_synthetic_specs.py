@@ -32,6 +32,8 @@ FULL_PARAMS = {
     "sdxl": 3_469_427_691 - CLIP_L_PROJECTION + 1,
     "newbie": 3_486_636_096,
     "z-image-turbo": 6_154_912_576,
+    # rank 32 x 7 projections x 34 blocks: 34 x 32 x (4 x 2 x 3840 + 3 x (3840 + 10240))
+    "z-image-turbo-distill-lora": 79_380_480,
     "clip-l": 123_650_304 - CLIP_L_PROJECTION,
     "clip-g": 694_659_840,
     "t5xxl": 4_762_310_656 + T5_DUPLICATE_EMBED,
@@ -40,7 +42,7 @@ FULL_PARAMS = {
     "flux-ae": 83_819_683,
     "sdxl-vae": 83_653_863,
 }
-FULL_TENSORS = {"flux-dev": 780, "flux-schnell": 776}
+FULL_TENSORS = {"flux-dev": 780, "flux-schnell": 776, "z-image-turbo-distill-lora": 476}
 
 
 def test_every_name_has_a_count():
@@ -62,6 +64,8 @@ def test_full_sizes_match_published_files():
     assert round(gb["sdxl"], 2) == 6.94
     assert round(gb["clip-l"], 3) == 0.246
     assert round(gb["z-image-turbo"], 2) == 12.31
+    # The published file is 158,826,336 bytes: these bf16 tensors plus a 65,376-byte JSON header.
+    assert cache.model_bytes("z-image-turbo-distill-lora", "full") == 158_826_336 - 65_376
 
 
 def test_sdxl_checkpoint_parts_and_dtypes():
@@ -83,6 +87,12 @@ def test_tiny_variants_keep_what_detection_reads():
         shapes = {s.key: s.shape for s in get(name).specs("tiny")}
         assert shapes["cap_embedder.1.weight"] == (dim, 2560) and "layers.0.attention.qkv.weight" in shapes
     assert "clip_text_pooled_proj.1.weight" in {s.key for s in get("newbie").specs("tiny")}
+    # The tiny LoRA patches exactly the tiny Z-Image's blocks (layers.0 and the 2 + 2 refiners), at full rank.
+    full = {s.key: s.shape for s in get("z-image-turbo-distill-lora").specs("full")}
+    tiny = {s.key: s.shape for s in get("z-image-turbo-distill-lora").specs("tiny")}
+    blocks = {k.split(".attention.")[0].split(".feed_forward.")[0].removeprefix("diffusion_model.") for k in tiny}
+    assert blocks == {"layers.0", "noise_refiner.0", "noise_refiner.1", "context_refiner.0", "context_refiner.1"}
+    assert all(full[k] == shape for k, shape in tiny.items()) and len(tiny) == 5 * 7 * 2
 
 
 def test_tiny_text_encoders_carry_their_override():
@@ -155,6 +165,8 @@ def test_values_have_realistic_scales():
     assert abs(norm.mean().item() - 1) < 0.01 and norm.std() > 0
     bias = make_tensor(TensorSpec("b.bias", (1024,), torch.float32, "bias"), seed=0)
     assert bias.abs().max() < 0.2 and bias.count_nonzero() == 1024
+    lora = make_tensor(TensorSpec("l.lora_up.weight", (3840, 32), torch.float32, "lora"), seed=0)
+    assert abs(lora.std().item() / 0.01 - 1) < 0.05 and abs(lora.mean().item()) < 1e-3
 
 
 def test_atomic_write_leaves_nothing_on_error(tmp_path):
@@ -214,7 +226,7 @@ def test_cuda_device_without_cuda_is_a_clear_error(tmp_path):
     assert list(tmp_path.iterdir()) == []
 
 
-@pytest.mark.parametrize("module", ["spec", "init", "spm"])
+@pytest.mark.parametrize("module", ["spec", "init", "spm", "lora"])
 def test_docstring_examples(module):
     import importlib
 
