@@ -1,0 +1,329 @@
+"""Issues #8, #7 and #6 on the GPU: every shipped workflow in a real ComfyUI server, end to end, inside its
+card's budget, beside ComfyUI core running the same graph; and VRAMGuard's adapt ladder below the tier.
+
+    COMFYUI_PATH=... python -m bench.workflows_e2e --models-dir /tmp/models --out-dir DIR \
+        [--workflows flux_dev_8gb,...] [--parts tier,core,ladder,extra] [--time-budget-s 540]
+    python -m bench.workflows_e2e --smoke --workflows flux_dev_8gb   # CPU: tiny models, checks the harness
+
+For each workflow (its tier, e.g. 12 GiB, from the file name; a ballast process leaves exactly that free
+before the server starts, so the server's own CUDA context counts against the budget as on a real card):
+- tier: our graph, first prompt after the server started (models from the page cache) and a repeat prompt
+  with the next seed (what clicking Queue again costs): wall time, seconds per stage, sampler s/it over
+  steps 2..N, device-memory peak overall and per stage (NVML, above what the GPU held before the server).
+- core: the same graph rewritten to ComfyUI core nodes (bench.core_graph), same budget, same prompts.
+- ladder: our graph at every budget below the tier down to 4 GiB in one server (ballast re-made between
+  prompts, models freed first), few steps: does VRAMGuard's adapt policy finish with the peak inside?
+- extra: the unconstrained references: Flux core graph (fp8 as in Comfy-Org's official graph, and bf16),
+  NewBie resident bf16 pipeline (newbie_24gb unconstrained) and NewBie fp8 + streaming at 6 GiB (issue #7).
+Full-size synthetic models are written once per family in a subprocess (no CUDA in this process), and
+`--cleanup` deletes a family's files when no later job needs them (the machine's disk holds one family).
+Results go to bench/results/workflows_e2e_<device>_<stamp>.json after every job (a cut-short run keeps what
+it measured); the table printed last is what the README shows.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import re
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from harness.main import CPU_DEFAULTS, apply_overrides, load_workflow, required_model_files
+from harness.server import ComfyServer, ServerConfig, ServerError
+from harness.workflow_api import TEST_NODES_DIR, ui_to_api, use_tiny_text_encoders
+
+from .ballast_process import BallastError, BallastProcess
+from .core_graph import to_core
+from .nvml_timeline import NvmlTimeline
+from .results import REPO_ROOT, RESULTS_DIR, host_environment, utc_now, write_json
+from .workflow_prompt import GiB, run_prompt
+
+FAMILIES = ("sdxl", "z_image_turbo", "newbie", "flux_dev")   # smallest files first
+LADDER_BUDGETS = (16, 12, 8, 6, 4)                             # GiB below a tier, down to the floor we test
+LADDER_STEPS = 4
+FRONT_END = REPO_ROOT / ".device" / "frontend"
+
+
+@dataclass(frozen=True)
+class Job:
+    workflow: str
+    graph: str                      # "ours" | "core"
+    budgets: tuple[float | None, ...]  # None = unconstrained; more than one = a ladder in one server
+    part: str                       # tier | core | ladder | extra
+    repeat: bool = True             # a second prompt with the next seed (first budget only)
+    steps: int | None = None        # override the workflow's steps (ladder)
+    label: str = ""
+
+    @property
+    def family(self) -> str:
+        return next(f for f in FAMILIES if self.workflow.startswith(f))
+
+
+def tier_gib(workflow: str) -> int:
+    m = re.search(r"_(\d+)gb$", workflow)
+    if not m:
+        raise ValueError(f"workflow name {workflow!r} does not end in _<N>gb")
+    return int(m.group(1))
+
+
+def plan_jobs(workflows: list[str], parts: set[str]) -> list[Job]:
+    jobs = []
+    for w in sorted(workflows, key=lambda n: (FAMILIES.index(Job(n, "", (), "").family), tier_gib(n))):
+        tier = float(tier_gib(w))
+        if "tier" in parts:
+            jobs.append(Job(w, "ours", (tier,), "tier"))
+        if "core" in parts:
+            jobs.append(Job(w, "core", (tier,), "core"))
+        if "ladder" in parts:
+            lower = tuple(float(b) for b in LADDER_BUDGETS if b < tier)
+            if lower:
+                jobs.append(Job(w, "ours", lower, "ladder", repeat=False, steps=LADDER_STEPS))
+        if "extra" in parts and w == "flux_dev_24gb":
+            jobs.append(Job(w, "core", (None,), "extra", label="Flux core graph fp8, unconstrained"))
+            jobs.append(Job(w, "core-bf16", (None,), "extra", label="Flux core graph bf16, unconstrained"))
+        if "extra" in parts and w == "newbie_24gb":
+            jobs.append(Job(w, "ours", (None,), "extra", label="NewBie resident bf16 pipeline, unconstrained"))
+        if "extra" in parts and w == "newbie_12gb":
+            jobs.append(Job(w, "ours", (6.0,), "extra", label="NewBie fp8 pipeline in 6 GiB (issue #7)"))
+    jobs.sort(key=lambda j: FAMILIES.index(j.family))
+    return jobs
+
+
+@dataclass
+class Context:
+    models_dir: Path
+    object_info: dict
+    smoke: bool
+    timeline: NvmlTimeline
+    empty_used: int | None          # device memory used before anything of ours ran
+    generated: set[Path] = field(default_factory=set)
+
+
+def graph_for(job: Job, ctx: Context) -> dict:
+    api = ui_to_api(load_workflow(job.workflow), ctx.object_info)
+    if job.graph.startswith("core"):
+        api = to_core(api)
+        if job.graph == "core-bf16":
+            for node in api.values():
+                if node["class_type"] == "UNETLoader":
+                    node["inputs"]["weight_dtype"] = "default"
+    if ctx.smoke:
+        use_tiny_text_encoders(api)
+        apply_overrides(api, dict(CPU_DEFAULTS))
+    if job.steps:
+        apply_overrides(api, {"steps": job.steps})
+    return api
+
+
+def ensure_models(api: dict, ctx: Context) -> list[str]:
+    """Write missing synthetic files in a subprocess (CUDA there, none here); returns what was written."""
+    from harness import synthetic
+
+    size = "tiny" if ctx.smoke else "full"
+    by_file = {(e.folder, e.filename): e.name for e in synthetic.REGISTRY.values()}
+    written = []
+    for folder, filename in required_model_files(api):
+        name = by_file.get((folder, filename))
+        if name is None:
+            raise RuntimeError(f"{folder}/{filename} has no synthetic stand-in")
+        path = synthetic.model_path(name, size, ctx.models_dir)
+        if path.is_file():
+            continue
+        code = ("import sys; from harness.synthetic import ensure; "
+                "ensure(sys.argv[1], sys.argv[2], sys.argv[3], sys.argv[4])")
+        subprocess.run([sys.executable, "-c", code, name, size, str(ctx.models_dir), "cpu" if ctx.smoke else "cuda"],
+                       check=True, cwd=REPO_ROOT)
+        ctx.generated.add(path)
+        written.append(name)
+    return written
+
+
+def server_config(ctx: Context, base: Path) -> ServerConfig:
+    return ServerConfig(base_dir=base, models_dirs=(ctx.models_dir,), cpu=ctx.smoke,
+                        front_end_root=FRONT_END if FRONT_END.is_dir() else None,
+                        extra_node_dirs=(REPO_ROOT / TEST_NODES_DIR,) if ctx.smoke else ())
+
+
+class Budget:
+    """The ballast for one budget, re-made while a server holds some memory of its own."""
+
+    def __init__(self, ctx: Context):
+        self.ctx, self.ballast, self.base_used = ctx, None, ctx.empty_used
+
+    def set(self, gib: float | None, server_holds: int = 0) -> None:
+        self.release()
+        if gib is None or self.ctx.smoke or self.ctx.empty_used is None:
+            self.base_used = self.ctx.timeline.used_now()
+            self.base_used = None if self.base_used is None else self.base_used - server_holds
+            return
+        leave = int(gib * GiB) - server_holds
+        if leave <= 0:
+            raise BallastError(f"the server already holds {server_holds / GiB:.2f} GiB, more than {gib} GiB")
+        self.ballast = BallastProcess(leave).__enter__()
+        self.base_used = self.ctx.timeline.used_now() - server_holds   # peaks are measured above this
+
+    def release(self) -> None:
+        if self.ballast is not None:
+            self.ballast.__exit__()
+            self.ballast = None
+
+
+def run_job(job: Job, ctx: Context) -> list[dict]:
+    api = graph_for(job, ctx)
+    rows: list[dict] = []
+    base_row = {"workflow": job.workflow, "graph": job.graph, "part": job.part, "label": job.label}
+    written = ensure_models(api, ctx)
+    if written:
+        rows.append({**base_row, "kind": "models_written", "names": written})
+    budget = Budget(ctx)
+    base = Path(tempfile.mkdtemp(prefix="bench-e2e-"))
+    seen_reports: set[Path] = set()
+    try:
+        budget.set(job.budgets[0])
+        t0 = time.monotonic()
+        with ComfyServer(server_config(ctx, base)) as server:
+            start_s = time.monotonic() - t0
+            for i, gib in enumerate(job.budgets):
+                if i > 0:   # the ladder: free the models, then leave only the next budget beside what the server holds
+                    server.free(unload_models=True)
+                    time.sleep(2.0)
+                    budget.release()
+                    time.sleep(0.5)
+                    holds = (ctx.timeline.used_now() or 0) - (ctx.empty_used or 0)
+                    budget.set(gib, server_holds=max(holds, 0))
+                prompts = [("first" if i == 0 else "ladder", 0)] + ([("repeat", 1)] if job.repeat and i == 0 else [])
+                for which, seed_offset in prompts:
+                    graph = json.loads(json.dumps(api))
+                    for node in graph.values():
+                        if "seed" in node["inputs"] and isinstance(node["inputs"]["seed"], int):
+                            node["inputs"]["seed"] += seed_offset
+                    row = run_prompt(server, graph, ctx.timeline, budget.base_used)
+                    row.update(base_row, kind="prompt", prompt=which, budget_gib=gib,
+                               server_start_s=round(start_s, 2) if which == "first" and i == 0 else None)
+                    row["within_budget"] = None if gib is None or row["peak_gib"] is None else row["peak_gib"] <= gib
+                    fresh = sorted(set(base.glob("output/**/vramguard_*.json")) - seen_reports)
+                    seen_reports.update(fresh)
+                    if fresh:   # what VRAMGuard predicted and changed for this prompt
+                        row["vramguard_report"] = _guard_summary(json.loads(fresh[-1].read_text()))
+                    rows.append(row)
+                    print(f"[e2e] {job.workflow} {job.graph} {which} @ {gib} GiB: {row['prompt_s']:.2f} s, "
+                          f"s/it {row['s_per_it']}, peak {row['peak_gib']} GiB {row.get('error', '')}", flush=True)
+    except (ServerError, BallastError, RuntimeError, OSError) as e:
+        rows.append({**base_row, "kind": "error", "error": f"{type(e).__name__}: {str(e)[:1500]}"})
+        print(f"[e2e] {job.workflow} {job.graph}: {type(e).__name__}: {str(e)[:300]}", flush=True)
+    finally:
+        budget.release()
+        shutil.rmtree(base, ignore_errors=True)
+    return rows
+
+
+def _guard_summary(report: dict) -> dict:
+    """The parts of a VRAMGuard report a benchmark row needs (the full report has the whole timeline)."""
+    keep = ("policy", "decision", "prediction", "plan", "actions", "changes", "peak", "stages", "retries", "oom",
+            "warnings", "budget", "predicted_peak_bytes", "measured_peak_bytes")
+    return {k: v for k, v in report.items() if k in keep or not isinstance(v, (list, dict))}
+
+
+def cleanup_family(done: Job, remaining: list[Job], ctx: Context) -> None:
+    """Delete generated files of `done`'s family that no remaining job uses (the disk holds one family)."""
+    if any(j.family == done.family for j in remaining):
+        return
+    for path in sorted(ctx.generated):
+        still = any(path.name in json.dumps(graph_for(j, ctx)) for j in remaining)
+        if not still and path.is_file():
+            path.unlink()
+            ctx.generated.discard(path)
+
+
+def fetch_object_info(ctx_models: Path, smoke: bool) -> dict:
+    base = Path(tempfile.mkdtemp(prefix="bench-e2e-info-"))
+    cfg = ServerConfig(base_dir=base, models_dirs=(ctx_models,), cpu=True,
+                       extra_node_dirs=(REPO_ROOT / TEST_NODES_DIR,) if smoke else ())
+    try:
+        with ComfyServer(cfg) as server:
+            return server.object_info()
+    finally:
+        shutil.rmtree(base, ignore_errors=True)
+
+
+def table(rows: list[dict]) -> str:
+    lines = [f"{'workflow':<20} {'graph':<9} {'part':<6} {'prompt':<7} {'GiB':>5} {'wall s':>7} {'s/it':>7} "
+             f"{'peak':>6} ok  note"]
+    for r in rows:
+        if r.get("kind") == "prompt":
+            ok = {True: "yes", False: "NO", None: "-"}[r.get("within_budget")] if "error" not in r else "ERR"
+            budget = "-" if r["budget_gib"] is None else f"{r['budget_gib']:g}"
+            sit = "-" if r.get("s_per_it") is None else f"{r['s_per_it']:.3f}"
+            peak = "-" if r.get("peak_gib") is None else f"{r['peak_gib']:.2f}"
+            lines.append(f"{r['workflow']:<20} {r['graph']:<9} {r['part']:<6} {r['prompt']:<7} {budget:>5} "
+                         f"{r['prompt_s']:7.2f} {sit:>7} {peak:>6} {ok:<3} {r.get('error', '')[:80]}")
+        elif r.get("kind") == "error":
+            lines.append(f"{r['workflow']:<20} {r['graph']:<9} {r['part']:<6} ERROR {r['error'][:120]}")
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(prog="python -m bench.workflows_e2e", description=__doc__.split("\n")[0])
+    ap.add_argument("--smoke", action="store_true", help="CPU, tiny models, scaled-down workflows")
+    ap.add_argument("--workflows", default="", help="comma list (default: every shipped workflow)")
+    ap.add_argument("--parts", default="tier,core,ladder,extra")
+    ap.add_argument("--models-dir", default=None)
+    ap.add_argument("--out-dir", default=str(RESULTS_DIR))
+    ap.add_argument("--time-budget-s", type=float, default=0, help="stop starting jobs after this long (0: no limit)")
+    ap.add_argument("--cleanup", action="store_true", help="delete a family's synthetic files after its last job")
+    a = ap.parse_args(argv)
+    from harness.main import available_workflows
+    from harness.synthetic.cache import default_models_dir
+
+    workflows = [w for w in a.workflows.split(",") if w] or available_workflows()
+    if unknown := sorted(set(workflows) - set(available_workflows())):
+        ap.error(f"--workflows: unknown {unknown}")
+    jobs = plan_jobs(workflows, set(a.parts.split(",")))
+    models_dir = Path(a.models_dir or default_models_dir("tiny" if a.smoke else "full")).resolve()
+    models_dir.mkdir(parents=True, exist_ok=True)
+    out_dir = Path(a.out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    started = time.monotonic()
+    with NvmlTimeline() as timeline:
+        ctx = Context(models_dir, fetch_object_info(models_dir, a.smoke), a.smoke, timeline, timeline.used_now())
+        device = _device_name()
+        stamp = time.strftime("%Y-%m-%dT%H%M")
+        out = out_dir / f"workflows_e2e_{'smoke' if a.smoke else device}_{stamp}.json"
+        result = {"benchmark": "workflows_e2e", "smoke": a.smoke, "started": utc_now(),
+                  "environment": host_environment(None), "device": device,
+                  "command": "python -m bench.workflows_e2e " + " ".join(argv if argv is not None else sys.argv[1:]),
+                  "jobs": [j.__dict__ | {"budgets": list(j.budgets)} for j in jobs], "rows": []}
+        for i, job in enumerate(jobs):
+            if a.time_budget_s and time.monotonic() - started > a.time_budget_s:
+                result["rows"].append({"workflow": job.workflow, "graph": job.graph, "part": job.part,
+                                       "kind": "skipped", "why": "time budget"})
+                continue
+            result["rows"] += run_job(job, ctx)
+            if a.cleanup:
+                cleanup_family(job, jobs[i + 1:], ctx)
+            write_json(out, result)
+        result["finished"] = utc_now()
+        write_json(out, result)
+    print(table(result["rows"]))
+    print(f"[e2e] wrote {out}")
+    return 0
+
+
+def _device_name() -> str:
+    try:
+        import pynvml
+
+        pynvml.nvmlInit()
+        name = pynvml.nvmlDeviceGetName(pynvml.nvmlDeviceGetHandleByIndex(0))
+        return (name.decode() if isinstance(name, bytes) else name).lower().replace(" ", "-")
+    except Exception:  # noqa: BLE001  (no NVIDIA driver: a CPU run)
+        return "cpu"
+
+
+if __name__ == "__main__":
+    sys.exit(main())
