@@ -243,6 +243,7 @@ def cleanup_family(done: Job, remaining: list[Job], ctx: Context) -> None:
 def fetch_object_info(ctx_models: Path, smoke: bool) -> dict:
     base = Path(tempfile.mkdtemp(prefix="bench-e2e-info-"))
     cfg = ServerConfig(base_dir=base, models_dirs=(ctx_models,), cpu=True,
+                       front_end_root=FRONT_END if FRONT_END.is_dir() else None,
                        extra_node_dirs=(REPO_ROOT / TEST_NODES_DIR,) if smoke else ())
     try:
         with ComfyServer(cfg) as server:
