@@ -96,6 +96,17 @@ def image_bytes(vae, latent: torch.Tensor) -> int:
     return b * getattr(vae, "output_channels", 3) * h * w * vae.upscale_ratio ** 2 * 4
 
 
+def settable_fraction(value: float | None) -> float:
+    """A memory fraction set_per_process_memory_fraction accepts (0 < f <= 1) for what the getter said.
+
+    With no limit set, torch 2.11's getter answers the allocator's "no limit" size over the device's
+    memory (about 1.2e8 on an H200), which the setter refuses: that means 1.0.
+    >>> settable_fraction(122888273.8), settable_fraction(0.25), settable_fraction(None)
+    (1.0, 0.25, 1.0)
+    """
+    return value if value is not None and 0 < value <= 1 else 1.0
+
+
 @contextmanager
 def allocator_cap(device: torch.device, limit_bytes: int | None):
     """Hold torch's CUDA caching allocator to `limit_bytes` in this block, then restore the old fraction.
@@ -109,7 +120,7 @@ def allocator_cap(device: torch.device, limit_bytes: int | None):
         return
     total = torch.cuda.get_device_properties(device).total_memory
     getter = getattr(torch.cuda, "get_per_process_memory_fraction", None)
-    previous = getter(device) if getter else 1.0
+    previous = settable_fraction(getter(device) if getter else None)
     torch.cuda.set_per_process_memory_fraction(min(previous, limit_bytes / total), device)
     try:
         yield

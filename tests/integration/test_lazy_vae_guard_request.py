@@ -133,3 +133,12 @@ def test_a_timeline_started_with_the_prompt_marks_the_decode_and_asks_nothing(pa
         pack.run.discard_pending("41", pending)
     names = [st.name for st in pending.monitor.result.stages]
     assert names == [pack.run.BEFORE, "decoding", pack.run.BEFORE], names
+
+
+def test_the_allocator_cap_restores_a_fraction_the_setter_accepts(pack):
+    # torch 2.11 reports "no limit" as ~1.2e8 (SIZE_MAX / device memory); restoring that raised on the GPU.
+    import doctest
+
+    assert doctest.testmod(pack.vae).failed == 0
+    assert pack.vae.settable_fraction(122888273.8) == 1.0 and pack.vae.settable_fraction(0.0) == 1.0
+    assert pack.vae.settable_fraction(0.5) == 0.5
