@@ -183,43 +183,70 @@ def run_job(job: Job, ctx: Context) -> list[dict]:
     budget = Budget(ctx)
     base = Path(tempfile.mkdtemp(prefix="bench-e2e-"))
     seen_reports: set[Path] = set()
+    server = None
     try:
         budget.set(job.budgets[0])
-        t0 = time.monotonic()
-        with ComfyServer(server_config(ctx, base)) as server:
-            start_s = time.monotonic() - t0
-            for i, gib in enumerate(job.budgets):
-                if i > 0:   # the ladder: free the models, then leave only the next budget beside what the server holds
-                    server.free(unload_models=True)
-                    time.sleep(2.0)
-                    budget.release()
-                    time.sleep(0.5)
-                    holds = (ctx.timeline.used_now() or 0) - (ctx.empty_used or 0)
-                    budget.set(gib, server_holds=max(holds, 0))
-                prompts = [("first" if i == 0 else "ladder", 0)] + ([("repeat", 1)] if job.repeat and i == 0 else [])
-                for which, seed_offset in prompts:
-                    graph = json.loads(json.dumps(api))
-                    for node in graph.values():
-                        if "seed" in node["inputs"] and isinstance(node["inputs"]["seed"], int):
-                            node["inputs"]["seed"] += seed_offset
-                    row = run_prompt(server, graph, ctx.timeline, budget.base_used)
-                    row.update(base_row, kind="prompt", prompt=which, budget_gib=gib,
-                               server_start_s=round(start_s, 2) if which == "first" and i == 0 else None)
-                    row["within_budget"] = None if gib is None or row["peak_gib"] is None else row["peak_gib"] <= gib
-                    fresh = sorted(set(base.glob("output/**/vramguard_*.json")) - seen_reports)
-                    seen_reports.update(fresh)
-                    if fresh:   # what VRAMGuard predicted and changed for this prompt
-                        row["vramguard_report"] = _guard_summary(json.loads(fresh[-1].read_text()))
-                    rows.append(row)
-                    print(f"[e2e] {job.workflow} {job.graph} {which} @ {gib} GiB: {row['prompt_s']:.2f} s, "
-                          f"s/it {row['s_per_it']}, peak {row['peak_gib']} GiB {row.get('error', '')}", flush=True)
+        server, start_s = _start(ctx, base)
+        for i, gib in enumerate(job.budgets):
+            restarted = False
+            if i > 0:   # the ladder: free the models, then leave only the next budget beside what the server holds
+                holds = _free_and_settle(server, budget, ctx)
+                if holds > gib * GiB - 0.5 * GiB:   # it kept more than the next budget allows: start afresh
+                    server.stop()
+                    budget.set(gib)
+                    server, start_s = _start(ctx, base)
+                    restarted = True
+                else:
+                    budget.set(gib, server_holds=holds)
+            prompts = [("first" if i == 0 else "ladder", 0)] + ([("repeat", 1)] if job.repeat and i == 0 else [])
+            for which, seed_offset in prompts:
+                graph = json.loads(json.dumps(api))
+                for node in graph.values():
+                    if "seed" in node["inputs"] and isinstance(node["inputs"]["seed"], int):
+                        node["inputs"]["seed"] += seed_offset
+                row = run_prompt(server, graph, ctx.timeline, budget.base_used)
+                row.update(base_row, kind="prompt", prompt=which, budget_gib=gib, server_restarted=restarted,
+                           server_start_s=round(start_s, 2) if which == "first" and (i == 0 or restarted) else None)
+                row["within_budget"] = None if gib is None or row["peak_gib"] is None else row["peak_gib"] <= gib
+                fresh = sorted(set(base.glob("output/**/vramguard_*.json")) - seen_reports)
+                seen_reports.update(fresh)
+                if fresh:   # what VRAMGuard predicted and changed for this prompt
+                    row["vramguard_report"] = _guard_summary(json.loads(fresh[-1].read_text()))
+                rows.append(row)
+                print(f"[e2e] {job.workflow} {job.graph} {which} @ {gib} GiB: {row['prompt_s']:.2f} s, "
+                      f"s/it {row['s_per_it']}, peak {row['peak_gib']} GiB {row.get('error', '')}", flush=True)
     except (ServerError, BallastError, RuntimeError, OSError) as e:
         rows.append({**base_row, "kind": "error", "error": f"{type(e).__name__}: {str(e)[:1500]}"})
         print(f"[e2e] {job.workflow} {job.graph}: {type(e).__name__}: {str(e)[:300]}", flush=True)
     finally:
+        if server is not None:
+            server.stop()
         budget.release()
         shutil.rmtree(base, ignore_errors=True)
     return rows
+
+
+def _start(ctx: Context, base: Path) -> tuple[ComfyServer, float]:
+    t0 = time.monotonic()
+    server = ComfyServer(server_config(ctx, base))
+    server.start()
+    return server, time.monotonic() - t0
+
+
+def _free_and_settle(server: ComfyServer, budget: Budget, ctx: Context, wait_s: float = 15.0) -> int:
+    """Ask the server to unload its models, drop the ballast, and wait until the server's device memory stops
+    falling; returns the bytes it still holds (its CUDA context at least)."""
+    server.free(unload_models=True)
+    budget.release()
+    deadline, last, still = time.monotonic() + wait_s, None, 0
+    while time.monotonic() < deadline:
+        time.sleep(0.5)
+        holds = max((ctx.timeline.used_now() or 0) - (ctx.empty_used or 0), 0)
+        still = still + 1 if last is not None and holds >= last else 0
+        if still >= 3:
+            return holds
+        last = holds
+    return last or 0
 
 
 def _guard_summary(report: dict) -> dict:
