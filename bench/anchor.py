@@ -64,15 +64,15 @@ def default_comfyui_path() -> str | None:
     return str(cached) if (cached / "main.py").is_file() else None
 
 
-def ensure_model(size: str, models_dir: Path, device: str) -> tuple[Path, float]:
-    """The synthetic Flux-dev file (written by harness.synthetic if missing or stale) and seconds spent."""
+def ensure_model(size: str, models_dir: Path, device: str, name: str = "flux-dev") -> tuple[Path, float]:
+    """The synthetic file `name` (harness.synthetic's registry; written if missing or stale) and seconds spent."""
     t0 = time.perf_counter()
-    cmd = [sys.executable, "-m", "harness.synthetic", "write", "flux-dev", "--size", size,
+    cmd = [sys.executable, "-m", "harness.synthetic", "write", name, "--size", size,
            "--device", device, "--models-dir", str(models_dir)]
     print("[bench] " + " ".join(cmd), flush=True)
     subprocess.run(cmd, cwd=REPO_ROOT, check=True)
     from harness.synthetic import model_path   # torch import; no CUDA is touched in this process
-    return model_path("flux-dev", size, models_dir), time.perf_counter() - t0
+    return model_path(name, size, models_dir), time.perf_counter() - t0
 
 
 def size_workload(a) -> None:

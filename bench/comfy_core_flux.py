@@ -1,17 +1,20 @@
-"""One ComfyUI-core process: load synthetic Flux-dev with one weight option, then sample at each budget.
+"""One ComfyUI-core process: load a synthetic model (Flux-dev; --family newbie or sdxl for the others) with
+one or more weight options, then sample at each budget.
 
 `bench.anchor` starts one of these per mode, because ComfyUI reads its command-line flags
 (`--fast fp8_matrix_mult`, `--cpu`) once, when `comfy.cli_args` is first imported; everything after
-`--` is handed to ComfyUI as its own argv, the way its main.py does it.
+`--` is handed to ComfyUI as its own argv, the way its main.py does it. Weight dtypes that need the same
+flags can share a process: `--weight-dtype default,fp8_e4m3fn --mode comfy_bf16,comfy_fp8`.
 
     COMFYUI_PATH=... python -m bench.comfy_core_flux --model DIR/diffusion_models/flux1-dev.safetensors \
         --weight-dtype fp8_e4m3fn_fast --budgets unlimited,8,4 --rows-out rows.jsonl -- --fast fp8_matrix_mult
 
-Each line of --rows-out is a JSON object: first {"kind": "env", ...}, then {"kind": "row", ...} per
-budget, flushed as soon as it is measured, so a run cut short still leaves its rows.
+Each line of --rows-out is a JSON object: {"kind": "env", ...} per weight dtype, then {"kind": "row", ...}
+per budget, flushed as soon as it is measured, so a run cut short still leaves its rows; a row that raised
+holds "error" and the rows after it still run (the exit code is then 1).
 Everything ComfyUI does is ComfyUI's own code: UNETLoader.load_unet, comfy.sample.sample (euler,
 simple), model_management.unload_all_models; only the text encoders are replaced by random
-conditioning of the right shapes (T5: [1, tokens, 4096]; CLIP-L pooled: [1, 768]).
+conditioning of the right shapes (bench.workload: T5 [1, tokens, 4096] and CLIP-L pooled [1, 768] for Flux).
 """
 from __future__ import annotations
 
@@ -23,7 +26,7 @@ import os
 import statistics
 import sys
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict
 from pathlib import Path
 
 import torch
@@ -32,35 +35,10 @@ from .ballast import Ballast, GiB, budget_label, parse_budgets
 from .nvml_peak import PeakSampler
 from .results import device_environment
 from .table import fmt
+from .workload import FAMILY_INPUTS, Workload, make_inputs, workload_for
 
 WEIGHT_DTYPES = ("default", "fp8_e4m3fn", "fp8_e4m3fn_fast", "fp8_e5m2")   # UNETLoader's options
-
-
-@dataclass(frozen=True)
-class FluxWorkload:
-    width: int = 1024
-    height: int = 1024
-    steps: int = 5
-    txt_tokens: int = 256           # T5 sequence length ComfyUI pads Flux prompts to
-    guidance: float = 3.5           # FluxGuidance default
-    cfg: float = 1.0                # Flux-dev is guidance-distilled: no negative pass
-    sampler: str = "euler"
-    scheduler: str = "simple"
-    seed: int = 0
-
-    def __post_init__(self):
-        for name in ("width", "height"):
-            v = getattr(self, name)
-            if v < 16 or v % 16:
-                raise ValueError(f"FluxWorkload.{name}={v}: must be a multiple of 16 (8x VAE, 2x2 patches)")
-        if self.steps < 2:
-            raise ValueError(f"FluxWorkload.steps={self.steps}: need >= 2 (the first step is dropped)")
-        if self.txt_tokens < 1:
-            raise ValueError(f"FluxWorkload.txt_tokens={self.txt_tokens}: must be >= 1")
-
-    @property
-    def latent_shape(self) -> tuple[int, int, int, int]:
-        return (1, 16, self.height // 8, self.width // 8)   # what EmptySD3LatentImage makes
+FluxWorkload = Workload   # its name before other families came (bench.fp8_flux_ours imports it)
 
 
 def import_comfy(comfyui_path: str, comfy_argv: list[str]):
@@ -84,17 +62,6 @@ def import_comfy(comfyui_path: str, comfy_argv: list[str]):
     return comfy.cli_args.args, mm, comfy.sample, folder_paths, nodes
 
 
-def make_inputs(w: FluxWorkload):
-    """Random conditioning + empty latent, fixed by the seed (CPU generator: same on every machine)."""
-    g = torch.Generator("cpu").manual_seed(w.seed)
-    cond = torch.randn((1, w.txt_tokens, 4096), generator=g).to(torch.bfloat16)     # T5-XXL output
-    pooled = torch.randn((1, 768), generator=g).to(torch.bfloat16)                   # CLIP-L pooled
-    positive = [[cond, {"pooled_output": pooled, "guidance": w.guidance}]]
-    negative = [[torch.zeros_like(cond), {"pooled_output": torch.zeros_like(pooled), "guidance": w.guidance}]]
-    latent = torch.zeros(w.latent_shape)
-    return positive, negative, latent
-
-
 def linear_class(model) -> str:
     """Which ComfyUI ops class the Linear layers got (shows whether fp8 matmul is in effect)."""
     for m in model.model.diffusion_model.modules():
@@ -103,10 +70,10 @@ def linear_class(model) -> str:
     return "none"
 
 
-def sample_once(model, w: FluxWorkload, inputs, budget_gib, device, mm, comfy_sample,
+def sample_once(model, w: Workload, inputs, budget_gib, device, mm, comfy_sample,
                 latent_path: Path | None = None) -> dict:
     """Unload everything, put the ballast in place, sample, measure. One result row; the output latent
-    [1, 16, H/8, W/8] goes to `latent_path` (torch.save) when given, for accuracy comparisons."""
+    [1, C, H/8, W/8] goes to `latent_path` (torch.save) when given, for accuracy comparisons."""
     positive, negative, latent = inputs
     mm.unload_all_models()
     mm.soft_empty_cache()
@@ -125,6 +92,12 @@ def sample_once(model, w: FluxWorkload, inputs, budget_gib, device, mm, comfy_sa
     row = {"budget_gib": budget_gib, "budget": budget_label(budget_gib)}
     budget_bytes = None if budget_gib is None else int(budget_gib * GiB)
     ballast = Ballast(budget_bytes, device) if cuda else None
+    # Batch of each diffusion-model forward: CFG runs cond and uncond as one batch of 2 when ComfyUI finds
+    # the memory, else as two passes, and offloaded weights are copied once per pass.
+    batches: list[int] = []
+    def count_pass(_module, args, kwargs):
+        batches.append(int((args[0] if args else kwargs["x"]).shape[0]))
+    hook = model.model.diffusion_model.register_forward_pre_hook(count_pass, with_kwargs=True)
     try:
         if ballast is not None:
             ballast.__enter__()
@@ -146,6 +119,7 @@ def sample_once(model, w: FluxWorkload, inputs, budget_gib, device, mm, comfy_sa
             row["loaded_gib"] = model.loaded_size() / GiB
         row["model_gib"] = model.model_size() / GiB
     finally:
+        hook.remove()
         if ballast is not None:
             ballast.release()
     steps_s = [b - a for a, b in zip([t0] + stamps[:-1], stamps)]
@@ -160,6 +134,9 @@ def sample_once(model, w: FluxWorkload, inputs, budget_gib, device, mm, comfy_sa
         peak_samples=reading.samples,
         host_rss_peak_gib=None if reading.host_rss_peak_bytes is None else reading.host_rss_peak_bytes / GiB,
         latent_finite=None if out is None else bool(torch.isfinite(out).all()),
+        passes=len(batches),
+        passes_per_step=len(batches) / len(stamps) if stamps else None,
+        pass_batches=sorted(set(batches)),
     )
     if reading.note:
         row["peak_note"] = reading.note
@@ -172,34 +149,93 @@ def sample_once(model, w: FluxWorkload, inputs, budget_gib, device, mm, comfy_sa
     return row
 
 
+def error_row(budget_gib, e: Exception) -> dict:
+    """The row of a measurement that raised: recorded, so the rows after it still run (one GPU call)."""
+    return {"budget_gib": budget_gib, "budget": budget_label(budget_gib), "s_per_it": None,
+            "error": f"{type(e).__name__}: {(str(e).splitlines() or [''])[0][:300]}"}
+
+
+def measure_mode(mode: str, weight_dtype: str, a, w: Workload, comfy, emit) -> int:
+    """Load the model with one UNETLoader weight dtype and sample at each budget; returns rows that failed."""
+    comfy_args, mm, comfy_sample, nodes, comfy_argv = comfy
+    model_path, budgets = Path(a.model).resolve(), parse_budgets(a.budgets)
+    device = mm.get_torch_device()
+    try:
+        t0 = time.perf_counter()
+        (model,) = nodes.UNETLoader().load_unet(model_path.name, weight_dtype)
+        load_s = time.perf_counter() - t0
+    except Exception as e:  # noqa: BLE001  (the next mode may load: record, go on)
+        for budget in budgets:
+            emit({**error_row(budget, e), "kind": "row", "mode": mode, "weight_dtype": weight_dtype})
+        return len(budgets)
+    env = {"kind": "env", "mode": mode, **device_environment(device), "comfy_argv": comfy_argv,
+           "comfy_fast": sorted(f.value for f in comfy_args.fast), "weight_dtype": weight_dtype,
+           "vram_state": mm.vram_state.name, "linear_class": linear_class(model), "load_s": load_s,
+           "workload": asdict(w), "model": str(model_path), "model_file_bytes": model_path.stat().st_size}
+    emit(env)
+    print(f"[bench] {mode}: loaded {model_path.name} as {weight_dtype} in {load_s:.1f} s "
+          f"({env['linear_class']}, fast={env['comfy_fast']}, {env['device_name']})", flush=True)
+    inputs = make_inputs(w)
+    plan = budgets + ([budgets[0]] if a.noise_check else [])
+    failed = 0
+    for i, budget in enumerate(plan):
+        latent = (Path(a.latent_out) / f"{mode}_{budget_label(budget)}{'_again' if i >= len(budgets) else ''}.pt"
+                  if a.latent_out else None)
+        try:
+            row = sample_once(model, w, inputs, budget, device, mm, comfy_sample, latent)
+        except Exception as e:  # noqa: BLE001  (an out-of-memory is a result, recorded by sample_once)
+            row = error_row(budget, e)
+            failed += 1
+        row.update(kind="row", mode=mode, weight_dtype=weight_dtype, comfy_argv=comfy_argv, load_s=load_s,
+                   repeat=i >= len(budgets))
+        emit(row)
+        print(f"[bench] {mode} budget={row['budget']:>9}: s/it={fmt(row['s_per_it'], 4)} "
+              f"first={fmt(row.get('first_step_s'), 2)}s peak={fmt(row.get('peak_gib'), 2)} GiB "
+              f"loaded={fmt(row.get('loaded_gib'), 2)} GiB finite={fmt(row.get('latent_finite'))}"
+              + (f" ERROR {row['error']}" if "error" in row else ""), flush=True)
+    mm.unload_all_models()
+    del model
+    gc.collect()
+    mm.soft_empty_cache()
+    return failed
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     ours, comfy_argv = (argv[:argv.index("--")], argv[argv.index("--") + 1:]) if "--" in argv else (argv, [])
     ap = argparse.ArgumentParser(prog="python -m bench.comfy_core_flux", description=__doc__.split("\n")[0])
-    ap.add_argument("--model", required=True, help="a Flux-dev .safetensors file")
-    ap.add_argument("--weight-dtype", default="default", choices=WEIGHT_DTYPES)
-    ap.add_argument("--mode", default=None, help="label written into each row (default: --weight-dtype)")
+    ap.add_argument("--family", default="flux", choices=sorted(FAMILY_INPUTS), help="whose inputs to make")
+    ap.add_argument("--model", required=True, help="a diffusion model .safetensors file (or a checkpoint: "
+                    "UNETLoader takes its UNet)")
+    ap.add_argument("--weight-dtype", default="default", help="UNETLoader weight dtype, or a comma list of "
+                    f"them measured one after the other ({', '.join(WEIGHT_DTYPES)})")
+    ap.add_argument("--mode", default=None, help="label written into each row, a comma list matching "
+                    "--weight-dtype (default: the weight dtypes)")
     ap.add_argument("--budgets", default="unlimited", help="GiB list, e.g. unlimited,24,16,12")
     ap.add_argument("--rows-out", required=True, help="JSON-lines file to append results to")
     ap.add_argument("--noise-check", action="store_true", help="measure the first budget again at the end")
     ap.add_argument("--latent-out", default=None, help="folder for each row's output latent (<mode>_<budget>.pt)")
-    for f in ("width", "height", "steps", "txt_tokens", "seed"):
-        ap.add_argument("--" + f.replace("_", "-"), type=int, default=getattr(FluxWorkload, f))
+    fields = ("width", "height", "steps", "txt_tokens", "seed")
+    for f in fields:
+        ap.add_argument("--" + f.replace("_", "-"), type=int, default=None, help="default: the family's")
     a = ap.parse_args(ours)
-    w = FluxWorkload(width=a.width, height=a.height, steps=a.steps, txt_tokens=a.txt_tokens, seed=a.seed)
-    budgets = parse_budgets(a.budgets)
+    dtypes = a.weight_dtype.split(",")
+    modes = a.mode.split(",") if a.mode else dtypes
+    if [d for d in dtypes if d not in WEIGHT_DTYPES] or len(modes) != len(dtypes):
+        ap.error(f"--weight-dtype {a.weight_dtype!r} / --mode {a.mode!r}: weight dtypes from "
+                 f"{', '.join(WEIGHT_DTYPES)}, and one mode label per weight dtype")
+    w = workload_for(a.family, **{f: getattr(a, f) for f in fields if getattr(a, f) is not None})
+    parse_budgets(a.budgets)   # fail here, before ComfyUI starts
     model_path = Path(a.model).resolve()
     if not model_path.is_file():
         raise SystemExit(f"--model {model_path} does not exist; build it with "
-                         "python -m harness.synthetic write flux-dev --size full")
+                         "python -m harness.synthetic write NAME --size full (flux-dev, newbie, sdxl)")
     comfyui_path = os.environ.get("COMFYUI_PATH")
     if not comfyui_path:
         raise SystemExit("COMFYUI_PATH is not set: point it at a ComfyUI tree (the folder with main.py)")
 
     logging.basicConfig(level=logging.INFO, format="[comfy] %(message)s")   # ComfyUI logs partial loads
     comfy_args, mm, comfy_sample, folder_paths, nodes = import_comfy(comfyui_path, comfy_argv)
-    device = mm.get_torch_device()
-    mode = a.mode or a.weight_dtype
     rows_out = Path(a.rows_out)
     rows_out.parent.mkdir(parents=True, exist_ok=True)
 
@@ -209,32 +245,9 @@ def main(argv: list[str] | None = None) -> int:
 
     # ComfyUI finds diffusion models by folder + file name, as UNETLoader's widget does.
     folder_paths.add_model_folder_path("diffusion_models", str(model_path.parent), is_default=True)
-    t0 = time.perf_counter()
-    (model,) = nodes.UNETLoader().load_unet(model_path.name, a.weight_dtype)
-    load_s = time.perf_counter() - t0
-    env = {"kind": "env", "mode": mode, **device_environment(device), "comfy_argv": comfy_argv,
-           "comfy_fast": sorted(f.value for f in comfy_args.fast), "weight_dtype": a.weight_dtype,
-           "vram_state": mm.vram_state.name, "linear_class": linear_class(model), "load_s": load_s,
-           "workload": asdict(w), "model": str(model_path), "model_file_bytes": model_path.stat().st_size}
-    emit(env)
-    print(f"[bench] {mode}: loaded {model_path.name} as {a.weight_dtype} in {load_s:.1f} s "
-          f"({env['linear_class']}, fast={env['comfy_fast']}, {env['device_name']})", flush=True)
-
-    inputs = make_inputs(w)
-    plan = budgets + ([budgets[0]] if a.noise_check else [])
-    for i, budget in enumerate(plan):
-        latent = (Path(a.latent_out) / f"{mode}_{budget_label(budget)}{'_again' if i >= len(budgets) else ''}.pt"
-                  if a.latent_out else None)
-        row = sample_once(model, w, inputs, budget, device, mm, comfy_sample, latent)
-        row.update(kind="row", mode=mode, weight_dtype=a.weight_dtype, comfy_argv=comfy_argv, load_s=load_s,
-                   repeat=i >= len(budgets))
-        emit(row)
-        print(f"[bench] {mode} budget={row['budget']:>9}: s/it={fmt(row['s_per_it'], 4)} "
-              f"first={fmt(row['first_step_s'], 2)}s peak={fmt(row['peak_gib'], 2)} GiB "
-              f"loaded={fmt(row.get('loaded_gib'), 2)} GiB finite={fmt(row['latent_finite'])}"
-              + (f" ERROR {row['error']}" if "error" in row else ""), flush=True)
-    mm.unload_all_models()
-    return 0
+    failed = sum(measure_mode(mode, dtype, a, w, (comfy_args, mm, comfy_sample, nodes, comfy_argv), emit)
+                 for mode, dtype in zip(modes, dtypes))
+    return 1 if failed else 0
 
 
 if __name__ == "__main__":

@@ -8,24 +8,21 @@ Processes (each imports ComfyUI with its own flags): ComfyUI core via bench.comf
 = the 1.00 reference and bf16 at 12 GiB; fp8 storage and fp8 with --fast fp8_matrix_mult at each budget),
 and ours via `--ours` here: Float8DiTLoader (per-channel fp8, fp8 matmul) + ChunkedOffloadUNet with budget
 auto (the ballast leaves exactly the budget free), and bf16 weights + ChunkedOffloadUNet at 12 GiB.
-Each of our rows records the plan and its floor: max(resident compute time, streamed bytes / 55.6 GB/s).
+Every row gets its floor, max(resident compute time, streamed bytes per step / 55.6 GB/s)
+(bench.offload_rows); ours also record the plan. NewBie and SDXL: bench.offload_families.
 """
 from __future__ import annotations
 
 import argparse
-import importlib
-import json
-import os
 import subprocess
 import sys
 import time
 from pathlib import Path
 
 from .anchor import ensure_model
-from .comfy_core_flux import FluxWorkload, import_comfy, make_inputs, sample_once
-from .results import RESULTS_DIR, device_environment, write_json
-
-PINNED_H2D = 55.6e9  # bytes/s, the anchor machine's pinned host->device bandwidth (benchmarking.md)
+from .offload_rows import OursRun, finish, table
+from .results import RESULTS_DIR
+from .workload import Workload
 
 
 def core_rows(model: Path, rows: Path, budgets: list[str], steps: int, smoke: bool, modes: list[str]) -> None:
@@ -47,76 +44,23 @@ def core_rows(model: Path, rows: Path, budgets: list[str], steps: int, smoke: bo
 def ours(model_path: str, rows_path: str, budgets: list[str], steps: int, smoke: bool, act_quants: list[str]) -> None:
     """Our rows, in this process: load once per weight kind, stream at each budget (and each activation
     quantizer of quant.matmul.Fp8MatmulOptions)."""
-    import torch
-
-    comfy_args, mm, comfy_sample, _fp, _nodes = import_comfy(os.environ["COMFYUI_PATH"], ["--cpu"] if smoke else [])
-    from harness.pack_import import import_pack
-
-    import_pack()
-    streaming = importlib.import_module("lowvram_kit.nodes.comfy_block_streaming")
-    loading = importlib.import_module("lowvram_kit.nodes.comfy_fp8_loading")
-    from lowvram_kit.quant import QuantConfig
-
-    device = mm.get_torch_device()
-    w = FluxWorkload(steps=steps, **({"width": 64, "height": 64} if smoke else {}))
-    inputs = make_inputs(w)
-    out = open(rows_path, "a")
-
-    def emit(row):
-        out.write(json.dumps(row) + "\n")
-        out.flush()
-
-    def run(model, mode: str, budget: str):
-        gib = None if budget == "unlimited" else float(budget)
-        clone, session = streaming.stream_blocks(model, streaming.StreamingSettings(0, 0, 0, True))
-        target = model if gib is None else clone
-        row = sample_once(target, w, inputs, gib, device, mm, comfy_sample)
-        row.update(mode=mode, kind="row")
-        if gib is not None and session.streamer is not None:
-            plan = session.streamer.plan
-            row.update(plan=session.plan_text, streamed_gib=plan.streamed_bytes / 2**30,
-                       resident_gib=plan.resident_bytes / 2**30, slot_gib=plan.slot_bytes / 2**30,
-                       transfer_floor_s=plan.streamed_bytes / PINNED_H2D, copies=session.streamer.copies)
-        emit(row)
-        print(f"[offload] {mode} {budget}: {row.get('s_per_it')} s/it, peak {row.get('peak_gib')}", flush=True)
-
+    run = OursRun(rows_path, Workload(steps=steps, **({"width": 64, "height": 64} if smoke else {})), smoke)
     from lowvram_kit.quant.matmul import Fp8MatmulOptions, set_fp8_matmul_options
 
-    t0 = time.perf_counter()
-    fp8, report = loading.load_fp8_model(model_path, loading.Fp8LoadConfig(QuantConfig(compute="fp8")))
-    emit({"kind": "load", "what": "ours_fp8", "seconds": time.perf_counter() - t0, "report": report.text()})
-    for act_quant in act_quants:
+    fp8 = run.load_fp8(model_path)
+    for act_quant in act_quants if fp8 is not None else []:
         set_fp8_matmul_options(Fp8MatmulOptions(act_quant=act_quant))
         suffix = "" if act_quant == "eager" else f"_{act_quant}"
         for budget in ["unlimited"] + budgets:
-            try:
-                run(fp8, f"ours_fp8_stream{suffix}", budget)
-            except Exception as e:  # noqa: BLE001  (an experimental quantizer must not end the run)
-                emit({"kind": "skip", "mode": f"ours_fp8_stream{suffix}", "budget": budget, "error": repr(e)[:500]})
-                break
+            if "error" in run.row(fp8, f"ours_fp8_stream{suffix}", budget):
+                break  # an experimental quantizer must not end the run, nor spend it failing
     set_fp8_matmul_options(Fp8MatmulOptions())
     del fp8
-    mm.unload_all_models()
-    import comfy.sd
-
-    bf16 = comfy.sd.load_diffusion_model(model_path)  # what UNETLoader does with weight dtype "default"
-    for budget in [] if smoke else ["12"]:
-        run(bf16, "ours_bf16_stream", budget)
-    out.close()
-    del torch
-
-
-def table(rows: list[dict]) -> str:
-    ref = next((r["s_per_it"] for r in rows if r.get("mode") == "comfy_bf16" and r.get("budget") == "unlimited"), None)
-    lines = [f"{'mode':<18} {'budget':>9} {'s/it':>7} {'ratio':>6} {'floor':>6} {'peak GiB':>9}"]
-    for r in rows:
-        if r.get("kind") != "row" or r.get("s_per_it") is None:
-            continue
-        ratio = r["s_per_it"] / ref if ref else float("nan")
-        floor = r.get("transfer_floor_s")
-        lines.append(f"{r['mode']:<18} {r['budget']:>9} {r['s_per_it']:7.3f} {ratio:6.2f} "
-                     f"{'' if floor is None else f'{floor:6.3f}':>6} {r.get('peak_gib') or 0:9.2f}")
-    return "\n".join(lines)
+    run.mm.unload_all_models()
+    bf16 = run.load_comfy(model_path, "ours_bf16")
+    for budget in [] if smoke or bf16 is None else ["12"]:
+        run.row(bf16, "ours_bf16_stream", budget, resident_mode="comfy_bf16")  # same weights, resident
+    run.close()
 
 
 def main(argv=None) -> int:
@@ -143,22 +87,16 @@ def main(argv=None) -> int:
     model, _build_s = ensure_model(size, models_dir, "cpu" if a.smoke else "cuda")
     out_dir = Path(a.out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    stamp = time.strftime("%Y-%m-%dT%H%M")
+    stamp = time.strftime("%Y-%m-%dT%H%M", time.gmtime())
     rows_file = out_dir / f"offload_flux_rows_{stamp}.jsonl"
     core_rows(model, rows_file, budgets, a.steps, a.smoke, a.core.split(","))
     subprocess.run([sys.executable, "-m", "bench.offload_flux", "--ours", str(model), str(rows_file),
                     "--steps", str(a.steps), "--budgets", a.budgets, "--act-quant", a.act_quant]
                    + (["--smoke"] if a.smoke else []), check=False)
-    rows = [json.loads(x) for x in rows_file.read_text().splitlines() if x.strip()]
-    import torch
-
-    env = device_environment(torch.device("cpu" if a.smoke else "cuda"))
-    name = env.get("device_name", "cpu").lower().replace(" ", "-")
-    result = {"benchmark": "offload_flux", "smoke": a.smoke, "environment": env,
-              "command": "python -m bench.offload_flux " + " ".join(argv if argv is not None else sys.argv[1:]),
-              "rows": rows}
-    write_json(out_dir / f"offload_flux_{name}_{stamp}.json", result)
-    print(table(rows))
+    path, rows = finish("offload_flux", rows_file, out_dir, stamp, a.smoke, "comfy_bf16",
+                        {"model": str(model)})
+    print(table(rows, "flux"))
+    print(f"results: {path}")
     return 0
 
 
