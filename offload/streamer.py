@@ -42,12 +42,17 @@ from .slots import SlotPool
 from .streams import backend_for
 
 
-def _normal_tensors() -> contextlib.ExitStack:
-    """Buffers and views made here are normal tensors even when the caller runs under
-    torch.inference_mode() (ComfyUI does): inference tensors would make the detached modules
-    unusable in any later computation that autograd records."""
+def _tensors_like(inference: bool) -> contextlib.ExitStack:
+    """Buffers and views made here are the same kind as the model's own tensors.
+
+    A module re-pointed by `param.data = view` keeps working only if the view is of the param's kind:
+    a normal tensor put into a Parameter made under torch.inference_mode() (ComfyUI loads models that
+    way) leaves a tensor without a version counter, and the next view of it (F.linear's weight.t())
+    fails with "Inference tensors do not track version counter"; inference tensors put into a normal
+    model would make it unusable in any later computation that autograd records.
+    """
     stack = contextlib.ExitStack()
-    stack.enter_context(torch.inference_mode(False))
+    stack.enter_context(torch.inference_mode(inference))
     stack.enter_context(torch.no_grad())
     return stack
 
@@ -64,6 +69,8 @@ class BlockStreamer:
         self.pin_memory = pin_memory and self.device.type == "cuda"  # pinning only speeds up H2D copies
         self.install_hooks = install_hooks
         self.trace: list[tuple[str, int, int]] | None = [] if trace else None
+        # Made under torch.inference_mode() (as ComfyUI loads models)? Then so must be our buffers.
+        self._inference = any(t.is_inference() for b in self.blocks for t in b.parameters())
         self._group_of = [g for g, group in enumerate(plan.groups) for _ in group]
         self._first_of_group = {group[0] for group in plan.groups}
         self._windows = self._make_windows()
@@ -129,7 +136,7 @@ class BlockStreamer:
         if self.attached:
             return self
         try:
-            with _normal_tensors():
+            with _tensors_like(self._inference):
                 self._attach()
         except BaseException:
             self.detach()  # leave nothing allocated or re-pointed
@@ -201,7 +208,7 @@ class BlockStreamer:
         finally:
             for handle in self._hooks:
                 handle.remove()
-            with _normal_tensors():
+            with _tensors_like(self._inference):
                 for g, host in self._hosts.items():
                     self._layouts[g].point_to(host.views)
                     host.unpin()
@@ -241,7 +248,7 @@ class BlockStreamer:
         if self._pointed.get(g) != slot.index:
             views = slot.views.get(g)
             if views is None:
-                with _normal_tensors():
+                with _tensors_like(self._inference):
                     views = slot.views[g] = self._layouts[g].views(slot.buffer)
             self._layouts[g].point_to(views)
             self._pointed[g] = slot.index

@@ -121,3 +121,28 @@ def test_unknown_model_class_is_named(adapters):
 
     with pytest.raises(ValueError, match="Dummy"):
         streaming.stream_blocks(FakePatcher(), streaming.StreamingSettings(0, 0, 0, False))
+
+
+def test_streaming_a_model_loaded_under_inference_mode_as_the_server_does(comfy, adapters, tmp_path, comfy_cleanup):
+    """ComfyUI runs every node under torch.inference_mode(): the loader makes inference-tensor Parameters,
+    and re-pointing them at normal slot views broke the next view of a weight ("Inference tensors do not
+    track version counter") in the first real server run. The streamer now makes its buffers of the
+    model's kind; the result must still equal the unstreamed model's, bit for bit."""
+    from harness.synthetic.flux import FluxConfig, flux_specs
+    from harness.synthetic.writer import write_specs
+    from lowvram_kit.quant import QuantConfig
+
+    _, loading = adapters
+    path = tmp_path / "flux-1d5s.safetensors"
+    write_specs(path, flux_specs(FluxConfig(depth=1, depth_single=5), torch.bfloat16), {"format": "pt"}, seed=5)
+    with torch.inference_mode():
+        model, _ = loading.load_fp8_model(str(path), loading.Fp8LoadConfig(QuantConfig()))
+        assert next(model.model.diffusion_model.parameters()).is_inference()
+        ref = sample(comfy, model)
+        comfy.model_management.unload_all_models()
+        clone, session = streamed(adapters, model, partial_budget(model))
+        out = sample(comfy, clone)
+        assert session.streamer is not None and session.streamer.copies > 0
+    assert torch.equal(out, ref)
+    comfy.model_management.unload_all_models()
+    assert session.streamer is None
