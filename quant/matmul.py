@@ -237,7 +237,7 @@ def fp8_matmul_options() -> Fp8MatmulOptions:
 
 
 def scaled_mm_unsupported_reason(x: torch.Tensor, w_fp8: torch.Tensor, w_scale: torch.Tensor, act_scaling: str) -> str | None:
-    """Why `torch._scaled_mm` cannot take this call (None if it can). Rules from torch's checks:
+    """Why `torch._scaled_mm` cannot take this call (None if it can). A CUDA device with fp8 units; rules from torch's checks:
     K and N divisible by 16 (M is free); B column-major, i.e. the weight [N, K] contiguous so that
     w.t() is a view; scales of both operands tensor-wise or both row-wise; no e5m2 x e5m2; and (kept
     conservative) row-wise scaling only with e4m3fn weights, as the CUTLASS row-wise kernel wants.
@@ -245,6 +245,9 @@ def scaled_mm_unsupported_reason(x: torch.Tensor, w_fp8: torch.Tensor, w_scale: 
     n, k = w_fp8.shape
     rowwise = w_scale.numel() > 1 or act_scaling == "per_token"
     checks = (
+        # ComfyUI may run a layer on the CPU (a text encoder it could not fit, lowvram): torch's CPU
+        # _scaled_mm takes tensor-wise scales only, and has no fp8 units to win anything with.
+        (not fp8_matmul_supported(x.device), f"input on {x.device}, which has no fp8 GEMM"),
         (w_fp8.dtype not in (f.dtype for f in FP8_FORMATS.values()), f"weight dtype {w_fp8.dtype} is not fp8"),
         (x.dtype not in _FLOAT_DTYPES, f"input dtype {x.dtype} is not bf16/fp16/fp32"),
         (k % 16 != 0 or n % 16 != 0, f"weight shape [{n}, {k}] is not divisible by 16"),

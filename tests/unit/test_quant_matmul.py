@@ -100,7 +100,20 @@ class StrictScaledMM:
 def strict_mm(monkeypatch):
     fake = StrictScaledMM()
     monkeypatch.setattr(torch, "_scaled_mm", fake)
+    # These CPU tensors stand for CUDA ones: the real rule sends a CPU input to dequant (tested below).
+    monkeypatch.setattr(mm, "fp8_matmul_supported", lambda device: True)
     return fake
+
+
+def test_an_input_on_a_device_without_fp8_gemm_is_dequantized(monkeypatch):
+    # ComfyUI runs a text encoder it cannot fit on the CPU; torch's CPU _scaled_mm refuses row-wise scales.
+    def refuse(*a, **k):
+        raise AssertionError("_scaled_mm must not be called for a CPU input")
+    monkeypatch.setattr(torch, "_scaled_mm", refuse)
+    q, s = _weight(granularity="per_channel")
+    x = torch.randn(3, q.shape[1])
+    assert mm.scaled_mm_unsupported_reason(x, q, s, "per_token") == "input on cpu, which has no fp8 GEMM"
+    assert torch.equal(mm.linear_fp8(x, q, s, None, torch.float32), fp8_linear(x, q, s, out_dtype=torch.float32))
 
 
 @pytest.mark.parametrize("act_scaling", ["per_token", "per_tensor"])
