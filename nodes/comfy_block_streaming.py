@@ -21,6 +21,7 @@ How the two never manage the same weights, using ComfyUI's own patcher mechanism
 """
 from __future__ import annotations
 
+import functools
 import logging
 import math
 import weakref
@@ -55,9 +56,10 @@ def activation_bytes(base_model, shape) -> int:
 class HiddenBlocks(torch.nn.Module):
     """Iterates, indexes and counts like the ModuleList (or Sequential) it stands for, registering nothing."""
 
-    def __init__(self, items):
+    def __init__(self, container):
         super().__init__()
-        object.__setattr__(self, "items", list(items))
+        object.__setattr__(self, "items", list(container))
+        object.__setattr__(self, "original", container)  # the model's own list (see model_block_list)
 
     def __iter__(self):
         return iter(self.items)
@@ -67,6 +69,21 @@ class HiddenBlocks(torch.nn.Module):
 
     def __getitem__(self, i):
         return self.items[i]
+
+
+def model_block_list(patcher, name: str):
+    """The diffusion model's own block list `name`, never one of our stand-ins.
+
+    ComfyUI applies object patches to the model that all clones share and, when it loads another clone of
+    it, detaches the old one without unpatching (load_models_gpu: detach(unpatch_all=False)). So once a
+    streamed clone has run, `diffusion_model.input_blocks` is that clone's HiddenBlocks until the model is
+    unloaded; a session built from it for the next clone (the next budget of a benchmark, a changed widget)
+    must see through it. get_model_object gives the value before this patcher's patches (ComfyUI's backup
+    of it while patched); a HiddenBlocks there (the input is a streamed clone) is unwrapped."""
+    container = patcher.get_model_object(f"diffusion_model.{name}")
+    while isinstance(container, HiddenBlocks):
+        container = container.original
+    return container
 
 
 @dataclass(frozen=True)
@@ -83,8 +100,7 @@ class BlockStreamingSession:
     def __init__(self, patcher, settings: StreamingSettings):
         self.patcher, self.settings = patcher, settings
         self.family = family_of_model(patcher.model.diffusion_model)
-        dm = patcher.model.diffusion_model
-        self.lists = {name: getattr(dm, name) for name in self.family.block_lists}
+        self.lists = {name: model_block_list(patcher, name) for name in self.family.block_lists}
         self.blocks = [b for name in self.family.block_lists for b in self.family.stream_units(self.lists[name])]
         self.streamer = None
         self.attached_for = None  # the patcher (this clone or a later one, e.g. with LoRA) now running
@@ -277,18 +293,29 @@ class BlockStreamingSession:
 
 class BlockTimer:
     """CUDA events around each block's compute for one pass. Registered after the streamer's hooks, so a
-    block's start event is queued after its wait for the copy: the times are compute only."""
+    block's start event is queued after its wait for the copy: the times are compute only.
 
-    def __init__(self, blocks):
+    Which events were recorded is tracked here: asking CUDA for the time of an unrecorded event raises
+    (RuntimeError or ValueError, depending on the torch version), and a block whose hooks did not fire
+    (not called in this pass, or called without its own __call__) must mean "no measurement", not an error."""
+
+    def __init__(self, blocks, new_event=None):
         self.blocks, self.handles, self.events = blocks, [], []
+        self.new_event = new_event or functools.partial(torch.cuda.Event, enable_timing=True)
+        self.recorded: list[list[bool]] = []  # per block: [start recorded, end recorded]
 
     def __enter__(self):
-        for block in self.blocks:
-            pair = [torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)]
+        for i, block in enumerate(self.blocks):
+            pair = (self.new_event(), self.new_event())
             self.events.append(pair)
-            self.handles.append(block.register_forward_pre_hook(lambda m, a, p=pair: p[0].record()))
-            self.handles.append(block.register_forward_hook(lambda m, a, o, p=pair: p[1].record()))
+            self.recorded.append([False, False])
+            self.handles.append(block.register_forward_pre_hook(functools.partial(self._mark, i, 0)))
+            self.handles.append(block.register_forward_hook(functools.partial(self._mark, i, 1)))
         return self
+
+    def _mark(self, i: int, which: int, *_hook_args) -> None:
+        self.events[i][which].record()
+        self.recorded[i][which] = True
 
     def __exit__(self, *exc):
         for h in self.handles:
@@ -296,11 +323,15 @@ class BlockTimer:
 
     def seconds(self) -> list[float] | None:
         """Per-block seconds, or None if a block did not run in the pass (nothing to re-plan with)."""
-        torch.cuda.synchronize()
-        try:
-            return [start.elapsed_time(end) / 1000.0 for start, end in self.events]
-        except RuntimeError:  # an event never recorded: that block was not called
+        missing = [i for i, (start, end) in enumerate(self.recorded) if not (start and end)]
+        if missing:
+            log.warning("LowVRAM Kit ChunkedOffloadUNet: %d of %d blocks were not timed in the first step "
+                        "(first: block %d, %s); keeping the plan made without compute times",
+                        len(missing), len(self.blocks), missing[0], type(self.blocks[missing[0]]).__name__)
             return None
+        for _, end in self.events:
+            end.synchronize()
+        return [start.elapsed_time(end) / 1000.0 for start, end in self.events]
 
 
 def stream_blocks(model, settings: StreamingSettings):

@@ -28,18 +28,29 @@ class Family:
     why: str
     model_classes: tuple[str, ...] = ()  # class names of the ComfyUI diffusion model
     # SDXL's blocks are TimestepEmbedSequential containers whose children ComfyUI calls one by one
-    # (their own forward never runs), so the streamed units are the children.
+    # (forward_timestep_embed: their own forward never runs, so hooks on them never fire): the streamed
+    # units are the children.
     units_are_children: bool = False
     # Module in nodes/ that completes a model after ComfyUI built it (take_extra_weights + attach), or "".
     post_load: str = ""
 
     def named_stream_units(self, container) -> list[tuple[str, nn.Module]]:
-        """(index path, module) of the units that stream, in call order, for one block list."""
+        """(index path, module) of the units that stream, in call order, for one block list.
+
+        With `units_are_children`, an item that is a Sequential (input_blocks.i / output_blocks.i) is
+        replaced by its children ("i.j"); other items (middle_block's ResBlock, SpatialTransformer) are
+        units ("j"). Decided per item, not by the container's class: the container may be a stand-in
+        that only iterates (the adapter's HiddenBlocks, left on the shared model by an earlier clone),
+        and taking its Sequentials as units would stream modules whose hooks never fire."""
         if not self.units_are_children:
             return [(str(i), b) for i, b in enumerate(container)]
-        if isinstance(container, nn.ModuleList):  # input_blocks / output_blocks: a list of Sequentials
-            return [(f"{i}.{j}", child) for i, block in enumerate(container) for j, child in enumerate(block)]
-        return [(str(j), child) for j, child in enumerate(container)]  # middle_block: one Sequential
+        units: list[tuple[str, nn.Module]] = []
+        for i, item in enumerate(container):
+            if isinstance(item, nn.Sequential):
+                units.extend((f"{i}.{j}", child) for j, child in enumerate(item))
+            else:
+                units.append((str(i), item))
+        return units
 
     def stream_units(self, container) -> list[nn.Module]:
         return [unit for _, unit in self.named_stream_units(container)]
