@@ -318,12 +318,40 @@ WORKFLOWS = {
 }
 
 
+E2E_RESULTS = "bench/results/workflows_e2e_nvidia-h200_*.json"
+
+
+def measured_line(name: str, rows: dict) -> str:
+    """One sentence of what bench.workflows_e2e measured for this workflow at its tier ("" if nothing)."""
+    tier = float(name.rsplit("_", 1)[1][:-2])
+    ours = [rows.get((name, "ours", "tier", p, tier)) for p in ("first", "repeat")]
+    core = [rows.get((name, "core", "core", p, tier)) for p in ("first", "repeat")]
+    if not all(r and "error" not in r for r in ours + core):
+        return ""
+    return (f"End to end on an H200 left {tier:g} GiB (`python -m bench.workflows_e2e`, {ours[0]['file']}): first "
+            f"prompt {ours[0]['prompt_s']:.1f} s, next seed {ours[1]['prompt_s']:.1f} s, {ours[0]['s_per_it']:.3f} s/it, "
+            f"peak {ours[0]['peak_gib']:.1f} GiB; the same graph with ComfyUI's core nodes: "
+            f"{core[0]['prompt_s']:.1f} s, {core[1]['prompt_s']:.1f} s, {core[0]['s_per_it']:.3f} s/it, "
+            f"peak {core[0]['peak_gib']:.1f} GiB.")
+
+
+def with_measurements(name: str, spec: GraphSpec, rows: dict) -> GraphSpec:
+    line = measured_line(name, rows)
+    if not line:
+        return spec
+    (title, text, pos), *rest = spec.notes
+    return dataclasses.replace(spec, notes=[(title, f"{text}\n\n{line}", pos), *rest])
+
+
 def main() -> int:
+    from bench.e2e_table import merged_rows
+
+    rows = merged_rows(sorted(str(p) for p in REPO_ROOT.glob(E2E_RESULTS)))
     with tempfile.TemporaryDirectory() as base, ComfyServer(ServerConfig(base_dir=Path(base))) as server:
         info = server.object_info()
     for name, make in WORKFLOWS.items():
         path = REPO_ROOT / "workflows" / f"{name}.json"
-        path.write_text(json.dumps(build_ui(make(), info), indent=1) + "\n")
+        path.write_text(json.dumps(build_ui(with_measurements(name, make(), rows), info), indent=1) + "\n")
         print(f"wrote {path.relative_to(REPO_ROOT)}")
     return 0
 
