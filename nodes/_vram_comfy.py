@@ -22,7 +22,7 @@ import torch
 
 import comfy.model_management as mm
 
-from ..offload import BudgetTooSmall, OffloadConfig, block_nbytes, plan_for
+from ..offload import DEFAULT_MARGIN_BYTES, BudgetTooSmall, OffloadConfig, block_nbytes, floor, plan_for
 from ._vram_estimate import Placement, Workload, comfy_partial_resident
 from ._vram_monitor import MemoryReader
 from ._vram_policy import Memory
@@ -126,7 +126,7 @@ class Placements:
         self.comfy_activation = int(patcher.model.memory_required(shape))
         self.comfy_minimum = int(patcher.model.memory_required([noise_shape[0]] + list(noise_shape[1:])))
         self.block_bytes = block_nbytes(self.session.blocks) if self.session is not None else []
-        self.margin = OffloadConfig.__dataclass_fields__["margin_bytes"].default
+        self.margin = DEFAULT_MARGIN_BYTES
         self.floor = self._streaming_floor() if self.session is not None else 0
 
     @property
@@ -183,13 +183,11 @@ class Placements:
                          + plan.resident_bytes + slots))
 
     def _streaming_floor(self) -> int:
+        # The planner's own floor (the budget below which plan() refuses), less what it counts besides blocks.
         s = self.session.settings
-        try:
-            plan_for(OffloadConfig(budget_bytes=self.margin + 1, chunk_size=s.chunk_size, prefetch=s.prefetch),
-                     self.block_bytes, self.comfy_activation)
-            return self.non_block_bytes
-        except BudgetTooSmall as e:
-            return self.non_block_bytes + e.smallest_budget_bytes - self.comfy_activation - self.margin
+        f = floor(self.block_bytes, self.comfy_activation, chunk_size=s.chunk_size, prefetch=s.prefetch,
+                  margin_bytes=self.margin)
+        return self.non_block_bytes + f.budget_bytes - self.comfy_activation - self.margin
 
     def apply_cap(self, cap: int | None) -> dict | None:
         """Re-plan a streaming session for `cap`; returns what to restore after the prompt (or None)."""
