@@ -19,6 +19,8 @@ import torch
 import triton
 import triton.language as tl
 
+from .matmul import dequantize_weight_eager  # matmul imports this module only when first asked, after it loaded
+
 _BLOCK = 2048  # elements per program: 2 KiB of fp8 in, 4 KiB out
 
 
@@ -61,8 +63,6 @@ def _dequant_kernel(w_ptr, s_ptr, out_ptr, n_elem, K, SCALE_PER_ROW: tl.constexp
 
 def dequantize_weight_triton(w_fp8: torch.Tensor, w_scale: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     """w_fp8 [N, K] * w_scale ([N] or []) as a new `dtype` tensor [N, K]; same contract as the eager one."""
-    from .matmul import dequantize_weight_eager
-
     if w_fp8.device.type != "cuda" or w_fp8.numel() == 0 or w_fp8.ndim != 2 or w_fp8.dtype not in _LAYOUT:
         return dequantize_weight_eager(w_fp8, w_scale, dtype)
     return launch_dequant(w_fp8, w_scale, dtype)
