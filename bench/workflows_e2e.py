@@ -157,15 +157,13 @@ class Budget:
 
     def set(self, gib: float | None, server_holds: int = 0) -> None:
         self.release()
-        if gib is None or self.ctx.smoke or self.ctx.empty_used is None:
-            self.base_used = self.ctx.timeline.used_now()
-            self.base_used = None if self.base_used is None else self.base_used - server_holds
-            return
-        leave = int(gib * GiB) - server_holds
-        if leave <= 0:
-            raise BallastError(f"the server already holds {server_holds / GiB:.2f} GiB, more than {gib} GiB")
-        self.ballast = BallastProcess(leave).__enter__()
-        self.base_used = self.ctx.timeline.used_now() - server_holds   # peaks are measured above this
+        if gib is not None and not self.ctx.smoke and self.ctx.empty_used is not None:
+            leave = int(gib * GiB) - server_holds
+            if leave <= 0:
+                raise BallastError(f"the server already holds {server_holds / GiB:.2f} GiB, more than {gib} GiB")
+            self.ballast = BallastProcess(leave).__enter__()
+        used = self.ctx.timeline.used_now()      # peaks are measured above this, less what the server holds
+        self.base_used = None if used is None else used - server_holds
 
     def release(self) -> None:
         if self.ballast is not None:
@@ -260,9 +258,9 @@ def cleanup_family(done: Job, remaining: list[Job], ctx: Context) -> None:
     """Delete generated files of `done`'s family that no remaining job uses (the disk holds one family)."""
     if any(j.family == done.family for j in remaining):
         return
+    needed = {name for j in remaining for _, name in required_model_files(graph_for(j, ctx))}
     for path in sorted(ctx.generated):
-        still = any(path.name in json.dumps(graph_for(j, ctx)) for j in remaining)
-        if not still and path.is_file():
+        if path.name not in needed and path.is_file():
             path.unlink()
             ctx.generated.discard(path)
 
