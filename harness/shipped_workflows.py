@@ -321,6 +321,13 @@ WORKFLOWS = {
 E2E_RESULTS = "bench/results/workflows_e2e_nvidia-h200_*.json"
 
 
+def measured_rows() -> dict:
+    """bench.workflows_e2e's prompt rows from the committed results, later files winning."""
+    from bench.e2e_table import merged_rows
+
+    return merged_rows(sorted(str(p) for p in REPO_ROOT.glob(E2E_RESULTS)))
+
+
 def measured_line(name: str, rows: dict) -> str:
     """One sentence of what bench.workflows_e2e measured for this workflow at its tier ("" if nothing)."""
     tier = float(name.rsplit("_", 1)[1][:-2])
@@ -344,9 +351,7 @@ def with_measurements(name: str, spec: GraphSpec, rows: dict) -> GraphSpec:
 
 
 def main() -> int:
-    from bench.e2e_table import merged_rows
-
-    rows = merged_rows(sorted(str(p) for p in REPO_ROOT.glob(E2E_RESULTS)))
+    rows = measured_rows()
     with tempfile.TemporaryDirectory() as base, ComfyServer(ServerConfig(base_dir=Path(base))) as server:
         info = server.object_info()
     for name, make in WORKFLOWS.items():

@@ -102,10 +102,8 @@ def test_shipped_workflow_runs_on_tiny_models(name, server, tmp_path):
 def test_the_note_carries_the_measured_end_to_end_figures(name):
     # Written by harness.shipped_workflows from bench/results/workflows_e2e_*.json (issue #8: settings and
     # claims come from measurements): ours and ComfyUI core at the workflow's tier.
-    from harness.shipped_workflows import measured_line
-    from bench.e2e_table import merged_rows
+    from harness.shipped_workflows import measured_line, measured_rows
 
     note = next(n for n in load_workflow(name)["nodes"] if n["type"] == "MarkdownNote")["widgets_values"][0]
-    rows = merged_rows(sorted(str(p) for p in (REPO_ROOT / "bench" / "results").glob("workflows_e2e_nvidia-h200_*.json")))
-    line = measured_line(name, rows)
+    line = measured_line(name, measured_rows())
     assert line.startswith("End to end on an H200 left") and line in note
