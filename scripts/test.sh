@@ -9,6 +9,8 @@ py="${LOWVRAM_VENV:-$root/.venv}/bin/python"
 cd "$root"
 echo "[test] ruff (Comfy Registry rules S102, S307, E702; pyflakes)"
 "$py" -m ruff check .
+echo "[test] disk space for the synthetic models and the tests' scratch files"
+"$py" -m harness.synthetic disk ${LOWVRAM_SYNTHETIC_DIR:+--models-dir "$LOWVRAM_SYNTHETIC_DIR"}
 echo "[test] pytest"
 set +e
 "$py" -m pytest -q -ra "$@"

@@ -1,13 +1,16 @@
 """CLI: python -m harness.synthetic list | write NAME [NAME...] [--size tiny|full] [--models-dir DIR]
-[--device auto|cpu|cuda] [--seed N]
+[--device auto|cpu|cuda] [--seed N] | disk [--size tiny|full] [--models-dir DIR] [--scratch-gb N]
 
 Exit status 2 for an unknown name (the message lists the known ones) or a full-size write on the CPU
-without --allow-cpu-full."""
+without --allow-cpu-full; `disk` exits 3 when the files still to write (plus scratch space) do not fit."""
 from __future__ import annotations
 
 import argparse
+import shutil
 import sys
+import tempfile
 import time
+from pathlib import Path
 
 from .cache import DEFAULT_SEED, default_models_dir, ensure, is_current, model_bytes, model_path
 from .registry import REGISTRY, SIZES, UnknownModelError, get
@@ -76,6 +79,42 @@ def cmd_write(args) -> int:
     return 0
 
 
+def cmd_disk(args) -> int:
+    """Refuse early, with the numbers, when the files not yet written do not fit on the disk.
+
+    A test run that runs out of disk half way fails dozens of tests with ENOSPC in the middle of a write;
+    this says instead what is needed and where. Scratch space is for what tests write under the temporary
+    directory (quantized copies, LoRAs, 1 + 5 block Flux files: about 3 GB at peak)."""
+    models_dir = Path(args.models_dir or default_models_dir(args.size))
+    missing = [n for n in REGISTRY if not (model_path(n, args.size, models_dir).exists()
+                                           and is_current(model_path(n, args.size, models_dir), n, args.size, args.seed))]
+    need_models = sum(model_bytes(n, args.size) for n in missing)
+    probe = models_dir
+    while not probe.exists():
+        probe = probe.parent
+    scratch = Path(tempfile.gettempdir())
+    need = {probe: need_models}
+    need[scratch] = need.get(scratch, 0) + int(args.scratch_gb * 1e9)
+    # Two paths on one file system share its free bytes.
+    by_device: dict[int, tuple[int, list[Path]]] = {}
+    for path, n in need.items():
+        dev = path.stat().st_dev
+        total, paths = by_device.get(dev, (0, []))
+        by_device[dev] = (total + n, paths + [path])
+    short = False
+    for total, paths in by_device.values():
+        free = shutil.disk_usage(paths[0]).free
+        where = " and ".join(str(p) for p in paths)
+        if total > free:
+            short = True
+            print(f"error: {where}: {_gb(free)} free, {_gb(total)} needed ({len(missing)} synthetic {args.size} "
+                  f"model file(s) not yet written: {_gb(need_models)}; scratch for the tests: {args.scratch_gb:g} GB). "
+                  "Free disk space, or set LOWVRAM_SYNTHETIC_DIR / TMPDIR to a disk with room.", file=sys.stderr)
+        else:
+            print(f"disk: {where}: {_gb(free)} free, {_gb(total)} needed")
+    return 3 if short else 0
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(prog="python -m harness.synthetic",
                                  description="Synthetic (random-weight) model files with the real key "
@@ -92,6 +131,12 @@ def main(argv=None) -> int:
     w.add_argument("--allow-cpu-full", action="store_true", help="allow --size full on the CPU (slow)")
     w.add_argument("--seed", type=int, default=DEFAULT_SEED)
     w.set_defaults(func=cmd_write)
+    d = sub.add_parser("disk", help="check that the files still to write (and scratch space) fit on the disk")
+    d.add_argument("--size", choices=SIZES, default="tiny")
+    d.add_argument("--models-dir", default=None)
+    d.add_argument("--scratch-gb", type=float, default=4.0, help="room kept for files tests write under TMPDIR")
+    d.add_argument("--seed", type=int, default=DEFAULT_SEED)
+    d.set_defaults(func=cmd_disk)
     args = ap.parse_args(argv)
     try:
         return args.func(args)

@@ -6,6 +6,7 @@ import doctest
 import hashlib
 import json
 import os
+import shutil
 import subprocess
 import sys
 
@@ -233,3 +234,13 @@ def test_docstring_examples(module):
     mod = importlib.import_module(f"harness.synthetic.{module}")
     result = doctest.testmod(mod)
     assert result.attempted > 0 and result.failed == 0
+
+
+def test_cli_disk_check_names_what_is_missing_and_where(tmp_path, capsys):
+    free = shutil.disk_usage(tmp_path).free
+    assert main(["disk", "--models-dir", str(tmp_path / "models"), "--scratch-gb", "0"]) == 0
+    assert "needed" in capsys.readouterr().out
+    # More scratch than the disk has: refused with the numbers and the way out.
+    assert main(["disk", "--models-dir", str(tmp_path / "models"), "--scratch-gb", str(2 * free / 1e9)]) == 3
+    err = capsys.readouterr().err
+    assert "not yet written" in err and "LOWVRAM_SYNTHETIC_DIR" in err and str(tmp_path) in err
