@@ -7,11 +7,14 @@ How the two never manage the same weights, using ComfyUI's own patcher mechanism
   loader walks registered modules only, so it loads, pins, LoRA-patches and accounts for the rest of the
   model (embedders, final layer) and never sees a block weight.
 - An APPLY_MODEL wrapper attaches the block streamer (offload.offload_blocks) on the first call after a
-  load, on the device of the input, within the budget: resident groups go to the GPU once, the rest are
+  load, on the device of the input, within the budget (the first time for a latent shape, it times that
+  step's blocks and plans again with the times; later loads plan with the remembered times at once): resident groups go to the GPU once, the rest are
   packed into pinned host buffers and prefetched on a side stream by forward hooks on the blocks. It adds
   the streamer's device bytes to the model's loaded-weight count, so ComfyUI frees and plans knowing them.
-- LoRA and other weight patches of block weights are applied the way ComfyUI applies them to its own
-  offloaded layers: a `LowVramPatch` weight function per patched weight, run on the GPU copy per call.
+- LoRA and other weight patches of block weights are computed with the math of ComfyUI's whole-model
+  load (_weight_patches): merged once into the device copy of resident blocks when the streamer puts
+  them there, and per call (a weight function, as ComfyUI does for its own offloaded layers) for
+  streamed blocks, whose host copy stays unpatched.
 - A PREPARE_SAMPLING wrapper (ComfyUI loading the model, before the first step) refuses a budget below
   the floor (largest transfer group x slots + activations + margin, offload.floor: the planner's own
   numbers) for the latent shape and batch of this sampling (x2 when CFG runs the negative): an explicit
@@ -30,7 +33,6 @@ from dataclasses import dataclass
 import torch
 
 import comfy.model_management
-import comfy.model_patcher
 import comfy.patcher_extension
 from comfy.patcher_extension import CallbacksMP, WrappersMP
 
@@ -39,6 +41,7 @@ from ..offload.api import plan_for
 from ..offload.config import fmt_bytes
 from ..offload.packing import block_nbytes
 from ._vram_comfy import uses_cfg
+from ._weight_patches import FullLoadPatch, ResidentPatches, patch_for
 from .model_families import family_of_model
 
 log = logging.getLogger("lowvram")
@@ -87,6 +90,17 @@ def model_block_list(patcher, name: str):
 
 
 @dataclass(frozen=True)
+class BlockPatch:
+    """One patched tensor of a streamed unit: `module.<attr>` of block `block`."""
+
+    block: int
+    module: torch.nn.Module
+    attr: str  # "weight" or "bias"
+    tensor: torch.Tensor
+    patch: FullLoadPatch
+
+
+@dataclass(frozen=True)
 class StreamingSettings:
     budget_bytes: int  # 0 = free device memory at attach time minus the activation estimate and margin
     chunk_size: int
@@ -106,6 +120,12 @@ class BlockStreamingSession:
         self.attached_for = None  # the patcher (this clone or a later one, e.g. with LoRA) now running
         self.plan_text = ""
         self.cfg_doubles = False  # set by OUTER_SAMPLE for the sampling in progress: CFG runs the negative too
+        # Per (device, latent shape of one model call): each block's compute seconds, measured in the first
+        # step after the first load. A later load (after ComfyUI unloaded the model) plans with them at once
+        # instead of timing a step and packing and pinning everything a second time.
+        self.block_seconds: dict[tuple[str, tuple[int, ...]], list[float]] = {}
+        self.timed_devices = ("cuda",)  # where CUDA events can time blocks (tests add "cpu" with fake events)
+        self.new_event = None  # BlockTimer's event factory; None = torch.cuda.Event
 
     def install(self) -> None:
         for name, container in self.lists.items():
@@ -136,13 +156,13 @@ class BlockStreamingSession:
                                chunk_size=self.settings.chunk_size, prefetch=self.settings.prefetch,
                                pin_memory=self.settings.pin_memory)
         self.config, self.activation_bytes = config, act
-        self.apply_weight_patches(patcher.patches)
-        try:
-            self.streamer = offload_blocks(self.blocks, config, device, activation_bytes=act,
-                                           seconds_per_block=seconds_per_block)
-        except BaseException:
-            self.clear_weight_patches()  # the LowVramPatch functions hold the patches (LoRA weights)
-            raise
+        patches = self.block_patches(patcher.patches)
+        resident = ResidentPatches()
+        for p in patches:
+            resident.add(p.tensor, p.patch)
+        self.streamer = offload_blocks(self.blocks, config, device, activation_bytes=act,
+                                       seconds_per_block=seconds_per_block, resident_values=resident or None)
+        self.apply_streamed_patches(patches)
         patcher.model.model_loaded_weight_memory += self.streamer.device_bytes
         self.attached_for = weakref.ref(patcher)
         self.plan_text = self.streamer.plan.describe()
@@ -173,21 +193,28 @@ class BlockStreamingSession:
         for block in self.blocks:
             yield from block.modules()
 
-    def apply_weight_patches(self, patches: dict) -> None:
-        """LoRA (and other) patches on block weights, applied per call as ComfyUI does for offloaded layers."""
+    def block_patches(self, patches: dict) -> list[BlockPatch]:
+        """Every patched weight and bias of the blocks, with the patch that gives its values."""
         prefix_of = {id(b): p for p, b in self.named_blocks()}
-        for block in self.blocks:
+        found = []
+        for i, block in enumerate(self.blocks):
             for name, m in block.named_modules():
                 if not hasattr(m, "weight_function"):
-                    continue
+                    continue  # not a ComfyUI cast layer: ComfyUI would not patch it per call either
                 base = f"{prefix_of[id(block)]}{'.' + name if name else ''}"
-                m.weight_function, m.bias_function = [], []
-                for attr, funcs in (("weight", m.weight_function), ("bias", m.bias_function)):
-                    key = f"{base}.{attr}"
-                    if key in patches:
-                        convert = getattr(m, "convert_weight", None) if attr == "weight" else None
-                        setter = getattr(m, "set_weight", None) if attr == "weight" else None
-                        funcs.append(comfy.model_patcher.LowVramPatch(key, patches, convert, setter))
+                for attr in ("weight", "bias"):
+                    tensor = getattr(m, attr, None)
+                    patch = patch_for(m, attr, f"{base}.{attr}", patches) if tensor is not None else None
+                    if patch is not None:
+                        found.append(BlockPatch(i, m, attr, tensor, patch))
+        return found
+
+    def apply_streamed_patches(self, patches: list[BlockPatch]) -> None:
+        """Per-call patches for the blocks that stream; resident ones got theirs merged in at attach."""
+        self.clear_weight_patches()
+        for p in patches:
+            if not self.streamer.is_resident(p.block):
+                (p.module.weight_function if p.attr == "weight" else p.module.bias_function).append(p.patch)
 
     def named_blocks(self):
         """(state-dict prefix, block) for every streamed unit, e.g. 'diffusion_model.double_blocks.3'."""
@@ -202,15 +229,20 @@ class BlockStreamingSession:
         # The patcher running now may be a later clone of ours (a LoRA loader after this node): its
         # patches are the ones to apply. ComfyUI sets BaseModel.current_patcher before sampling.
         patcher = getattr(executor.class_obj, "current_patcher", None) or self.patcher
-        self.attach(patcher, x.device, x.shape)
-        if x.device.type != "cuda":
+        shape_key = (str(x.device), tuple(x.shape))
+        known = self.block_seconds.get(shape_key)
+        self.attach(patcher, x.device, x.shape, seconds_per_block=known)
+        if known is not None or x.device.type not in self.timed_devices:
             return executor(x, *args, **kwargs)
-        # First step after a load: time every block's compute, then plan again knowing it. Without
+        # First step after the first load: time every block's compute, then plan again knowing it. Without
         # compute times the planner assumes transfers dominate and keeps a resident prefix; with them it
         # can spread resident blocks so that copies keep flowing while they compute.
-        with BlockTimer(self.blocks) as timer:
+        with BlockTimer(self.blocks, self.new_event) as timer:
             out = executor(x, *args, **kwargs)
-        self.replan(patcher, x, timer.seconds())
+        seconds = timer.seconds()
+        if seconds is not None:
+            self.block_seconds[shape_key] = seconds
+        self.replan(patcher, x, seconds)
         return out
 
     def replan(self, patcher, x, seconds_per_block) -> None:

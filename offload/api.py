@@ -15,7 +15,7 @@ Example (run by tests/unit/test_offload_streamer.py):
 from __future__ import annotations
 
 from .config import PINNED_H2D_BYTES_PER_S, OffloadConfig
-from .packing import block_nbytes
+from .packing import ValuesFor, block_nbytes
 from .planner import Plan, plan
 from .streamer import BlockStreamer
 
@@ -30,8 +30,11 @@ def plan_for(config: OffloadConfig, block_bytes: list[int], activation_bytes: in
 
 def offload_blocks(blocks, config: OffloadConfig, device, activation_bytes: int,
                    seconds_per_block: list[float] | None = None,
-                   h2d_bytes_per_s: float = PINNED_H2D_BYTES_PER_S) -> BlockStreamer:
-    """Plan (refusing a budget below the floor before anything moves) and return an attached streamer."""
+                   h2d_bytes_per_s: float = PINNED_H2D_BYTES_PER_S,
+                   resident_values: ValuesFor | None = None) -> BlockStreamer:
+    """Plan (refusing a budget below the floor before anything moves) and return an attached streamer.
+    `resident_values`: see BlockStreamer (other values for the device copies of resident groups)."""
     blocks = list(blocks)
     chosen = plan_for(config, block_nbytes(blocks), activation_bytes, seconds_per_block, h2d_bytes_per_s)
-    return BlockStreamer(blocks, chosen, device, pin_memory=config.pin_memory).attach()
+    return BlockStreamer(blocks, chosen, device, pin_memory=config.pin_memory,
+                         resident_values=resident_values).attach()

@@ -19,12 +19,16 @@ Example (run by tests/unit/test_offload_packing.py):
 from __future__ import annotations
 
 import mmap
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
 from torch import nn
 
 from .config import LOG, PAGEABLE_H2D_BYTES_PER_S, PINNED_H2D_BYTES_PER_S, fmt_bytes
+
+# values(tensor, device) -> values to put in the tensor's place on `device` instead of its own, or None.
+ValuesFor = Callable[[torch.Tensor, torch.device], "torch.Tensor | None"]
 
 # Every tensor starts on a 256-byte boundary: the CUDA caching allocator gives every tensor that
 # alignment, and kernels (vectorised loads, cuBLAS, fp8 `_scaled_mm`, which needs 16) may pick a
@@ -162,11 +166,20 @@ class GroupLayout:
     def views(self, flat: torch.Tensor) -> tuple[torch.Tensor, ...]:
         return tuple(e.view(flat) for e in self.entries)
 
-    def fill(self, flat: torch.Tensor) -> None:
-        """Copy every tensor's current values into its place in `flat` (any device)."""
+    def fill(self, flat: torch.Tensor, values: ValuesFor | None = None) -> None:
+        """Copy every tensor's current values into its place in `flat` (any device).
+
+        `values(tensor, device)` may give other values for a tensor (same shape and dtype), e.g. a weight
+        with a LoRA merged in; None keeps the tensor's own. The tensor itself is never changed."""
         with torch.no_grad():
             for entry in self.entries:
-                entry.view(flat).copy_(entry.tensor)
+                replaced = None if values is None else values(entry.tensor, flat.device)
+                if replaced is not None and (tuple(replaced.shape) != entry.shape or replaced.dtype != entry.dtype):
+                    raise ValueError(
+                        f"offload: the values given for {entry.name} are {replaced.dtype} {list(replaced.shape)}, "
+                        f"but the tensor is {entry.dtype} {list(entry.shape)}; they must match to share its place"
+                    )
+                entry.view(flat).copy_(entry.tensor if replaced is None else replaced)
 
     def point_to(self, views: tuple[torch.Tensor, ...]) -> None:
         """Re-point every module tensor at its view: no copy, the old storage loses this reference."""

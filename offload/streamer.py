@@ -2,7 +2,8 @@
 
 Lifecycle:
     attach()  pack each streamed group into one host buffer (pinned when possible), copy resident
-              groups into one device arena, allocate `prefetch + 1` slots, install block hooks,
+              groups into one device arena (optionally with other values, `resident_values`: a merged
+              LoRA, computed once instead of on every call), allocate `prefetch + 1` slots, install block hooks,
               start copying the first groups. Any error inside attach undoes all of it.
     forward   the model calls its blocks in order; a block's pre-hook makes sure its group is in a
               slot (copying it now if prefetch missed it), makes the compute stream wait for that
@@ -36,7 +37,7 @@ import torch
 from torch import nn
 
 from .config import LOG, fmt_bytes
-from .packing import GroupLayout, block_tensors, pack_host, pin_cost_note
+from .packing import GroupLayout, ValuesFor, block_tensors, pack_host, pin_cost_note
 from .planner import Plan
 from .slots import SlotPool
 from .streams import backend_for
@@ -59,7 +60,7 @@ def _tensors_like(inference: bool) -> contextlib.ExitStack:
 
 class BlockStreamer:
     def __init__(self, blocks, plan: Plan, device, *, pin_memory: bool = True,
-                 install_hooks: bool = True, trace: bool = False) -> None:
+                 install_hooks: bool = True, trace: bool = False, resident_values: ValuesFor | None = None) -> None:
         self.blocks: list[nn.Module] = list(blocks)
         if len(self.blocks) != len(plan.block_bytes):
             raise ValueError(f"offload: the plan is for {len(plan.block_bytes)} blocks, got {len(self.blocks)}")
@@ -68,6 +69,9 @@ class BlockStreamer:
         self.backend = backend_for(self.device)  # no CUDA call here
         self.pin_memory = pin_memory and self.device.type == "cuda"  # pinning only speeds up H2D copies
         self.install_hooks = install_hooks
+        # The device copy of a resident group may hold other values than the host tensors (which stay as
+        # they are and come back on detach); streamed groups always carry the tensors' own bytes.
+        self.resident_values = resident_values
         self.trace: list[tuple[str, int, int]] | None = [] if trace else None
         # Made under torch.inference_mode() (as ComfyUI loads models)? Then so must be our buffers.
         self._inference = any(t.is_inference() for b in self.blocks for t in b.parameters())
@@ -100,6 +104,10 @@ class BlockStreamer:
         self._hooks: list = []
         self.copies = 0
         self.bytes_copied = 0
+
+    def is_resident(self, block: int) -> bool:
+        """True when block `block` stays on the device for the whole pass (its group is in the arena)."""
+        return bool(self.plan.resident[self._group_of[block]])
 
     # ---- memory accounting (what ComfyUI's model_size / partial loading need) --------------------
 
@@ -169,7 +177,7 @@ class BlockStreamer:
             flat = self._arena[offset : offset + layout.nbytes]
             offset += layout.nbytes
             self._originals[g] = tuple(e.tensor.data for e in layout.entries)
-            layout.fill(flat)
+            layout.fill(flat, self.resident_values)
             layout.point_to(layout.views(flat))
         pin = self.pin_memory
         for g in streamed:

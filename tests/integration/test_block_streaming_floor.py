@@ -1,4 +1,5 @@
-"""ChunkedOffloadUNet refuses a VRAM budget below the model's floor before sampling starts (in-process, CPU).
+"""ChunkedOffloadUNet refuses a VRAM budget below the model's floor before sampling starts (in-process, CPU),
+and plans with block times measured once per latent shape.
 
 The floor is the planner's (offload.floor): the cheapest arrangement of resident blocks and transfer slots,
 plus ComfyUI's activation estimate for one model call, plus the streamer's margin. One model call holds
@@ -194,3 +195,47 @@ def test_a_budget_the_blocks_alone_exceed_says_resolution_cannot_help(pack, flux
     low = pack.offload.floor(pack.offload.block_nbytes(session.blocks), int(flux.model.memory_required(
         [1, 16, SIDE, SIDE])), chunk_size=2, prefetch=1, margin_bytes=256 * MiB)
     assert low.describe() in msg and info.value.smallest_budget_bytes == low.budget_bytes
+
+
+class FakeEvent:
+    """Stands in for torch.cuda.Event on the CPU: every block 'took' 1 ms."""
+
+    def record(self, stream=None):
+        pass
+
+    def synchronize(self):
+        pass
+
+    def elapsed_time(self, end):
+        return 1.0
+
+
+def test_block_times_are_measured_once_per_latent_shape(pack, flux, comfy_cleanup, monkeypatch):
+    """The first step after the first load is timed and the plan remade with the times; a later load
+    (ComfyUI unloaded the model in between) plans with them at once: one attach, no timing pass, no
+    second packing. Another latent shape is timed anew."""
+    import comfy.model_management as mm
+
+    clone, session, _ = streamed(pack, flux, 0)
+    session.settings = pack.streaming.StreamingSettings(floor_bytes(pack, session, flux, 2), 0, 0, False)
+    session.timed_devices, session.new_event = ("cpu",), FakeEvent
+    calls = []
+    real = pack.streaming.offload_blocks
+
+    def counting(*args, **kwargs):
+        calls.append(kwargs.get("seconds_per_block"))
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(pack.streaming, "offload_blocks", counting)
+    out = run(clone, cfg=1.0)
+    assert calls[0] is None and list(session.block_seconds) == [("cpu", (1, 16, SIDE, SIDE))]
+    seconds = session.block_seconds[("cpu", (1, 16, SIDE, SIDE))]
+    assert seconds == [0.001] * len(session.blocks)
+    first = len(calls)
+    mm.unload_all_models()
+    assert session.streamer is None
+    assert torch.equal(run(clone, cfg=1.0), out)
+    assert calls[first:] == [seconds], "a later load re-timed or re-planned"
+    mm.unload_all_models()
+    run(clone, cfg=3.0)  # cond and uncond in one call: [2, 16, 8, 8], a shape not timed yet
+    assert set(session.block_seconds) == {("cpu", (1, 16, SIDE, SIDE)), ("cpu", (2, 16, SIDE, SIDE))}

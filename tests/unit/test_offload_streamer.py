@@ -352,3 +352,44 @@ def test_streamer_does_not_change_the_callers_copy():
         assert a.dtype == b.dtype and a.shape == b.shape and a.stride() == b.stride()
         assert torch.equal(a.view(torch.uint8) if a.dtype == torch.float8_e4m3fn else a,
                            b.view(torch.uint8) if b.dtype == torch.float8_e4m3fn else b)
+
+
+def test_resident_values_replace_the_device_copy_only_and_come_back_on_detach():
+    """A merged LoRA is computed once into the resident copy; the host tensors never change, streamed
+    groups carry their own bytes, and detach gives the model back exactly as it was."""
+    blocks = make_blocks(4)
+    ref = run(blocks, X)
+    before = [p.detach().clone() for b in blocks for p in b.parameters()]
+    qkv0 = blocks[0].qkv.weight.detach().clone()
+    doubled = {id(blocks[0].qkv.weight), id(blocks[3].qkv.weight)}  # block 0 resident, block 3 streamed
+    asked = []
+
+    def values(tensor, device):
+        asked.append(id(tensor))
+        return (tensor * 2).to(device) if id(tensor) in doubled else None
+
+    streamer = BlockStreamer(blocks, manual_plan(blocks, 2, 1, 1), CPU, resident_values=values).attach()
+    assert streamer.is_resident(0) and not streamer.is_resident(3)
+    assert id(blocks[3].qkv.weight) not in asked  # only resident groups are asked
+    assert torch.equal(blocks[0].qkv.weight, qkv0 * 2)
+    out = run(blocks, X)
+    streamer.detach()
+    manual = copy.deepcopy(blocks)
+    manual[0].qkv.weight.data *= 2
+    assert torch.equal(out, run(manual, X)) and not torch.equal(out, ref)
+    assert all(torch.equal(p, b) for p, b in zip((p for b in blocks for p in b.parameters()), before))
+    assert torch.equal(run(blocks, X), ref)
+
+
+def test_resident_values_of_another_dtype_are_refused_and_nothing_stays_attached():
+    blocks = make_blocks(3)
+    ref = run(blocks, X)
+
+    def values(tensor, device):
+        return tensor.float() if tensor.dtype == torch.bfloat16 else None
+
+    streamer = BlockStreamer(blocks, manual_plan(blocks, 2, 1, 1), CPU, resident_values=values)
+    with pytest.raises(ValueError, match="must match"):
+        streamer.attach()
+    assert not streamer.attached and streamer.device_bytes == 0
+    assert torch.equal(run(blocks, X), ref)
