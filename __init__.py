@@ -60,4 +60,18 @@ NODE_DISPLAY_NAME_MAPPINGS = {
     "VRAMGuard": "VRAM Guard (LowVRAM)",
 }
 
+
+
+def _register_routes() -> None:
+    """GET /lowvram/memory (nodes/memory_route.py) on ComfyUI's server; never fatal to the pack."""
+    if importlib.util.find_spec("comfy") is None:
+        return
+    try:
+        importlib.import_module(".nodes.memory_route", __name__).register()
+    except Exception:  # noqa: BLE001  (a diagnostic route must not take the nodes down)
+        _log.exception("LowVRAM Kit: the /lowvram/memory route could not be registered")
+
+
+_register_routes()
+
 __all__ = ["NODE_CLASS_MAPPINGS", "NODE_DISPLAY_NAME_MAPPINGS"]

@@ -46,6 +46,7 @@ from .workflow_prompt import GiB, run_prompt
 FAMILIES = ("sdxl", "z_image_turbo", "newbie", "flux_dev")   # smallest files first
 LADDER_BUDGETS = (16, 12, 8, 6, 4)                             # GiB below a tier, down to the floor we test
 LADDER_STEPS = 4
+HELD_CENSUS_BYTES = 1 << 30                                      # held after /free beyond this: take a census
 FRONT_END = REPO_ROOT / ".device" / "frontend"
 
 
@@ -186,9 +187,12 @@ def run_job(job: Job, ctx: Context) -> list[dict]:
         budget.set(job.budgets[0])
         server, start_s = _start(ctx, base)
         for i, gib in enumerate(job.budgets):
-            restarted = False
+            restarted, held = False, None
             if i > 0:   # the ladder: free the models, then leave only the next budget beside what the server holds
                 holds = _free_and_settle(server, budget, ctx)
+                held = {"gib": round(holds / GiB, 3)}
+                if holds > HELD_CENSUS_BYTES:   # more than a CUDA context: ask the server what holds it
+                    held["census"] = _memory_census(server)
                 if holds > gib * GiB - 0.5 * GiB:   # it kept more than the next budget allows: start afresh
                     server.stop()
                     budget.set(gib)
@@ -203,6 +207,8 @@ def run_job(job: Job, ctx: Context) -> list[dict]:
                     if "seed" in node["inputs"] and isinstance(node["inputs"]["seed"], int):
                         node["inputs"]["seed"] += seed_offset
                 row = run_prompt(server, graph, ctx.timeline, budget.base_used)
+                if held is not None and which == "ladder":
+                    row["held_after_free"] = held
                 row.update(base_row, kind="prompt", prompt=which, budget_gib=gib, server_restarted=restarted,
                            server_start_s=round(start_s, 2) if which == "first" and (i == 0 or restarted) else None)
                 row["within_budget"] = None if gib is None or row["peak_gib"] is None else row["peak_gib"] <= gib
@@ -245,6 +251,15 @@ def _free_and_settle(server: ComfyServer, budget: Budget, ctx: Context, wait_s: 
             return holds
         last = holds
     return last or 0
+
+
+def _memory_census(server: ComfyServer) -> dict:
+    """The pack's GET /lowvram/memory: allocator bytes, ComfyUI's loaded models and the largest live tensors
+    by owner, so that memory held after /free names what holds it."""
+    try:
+        return server.get("/lowvram/memory?top=15", timeout=120)
+    except (OSError, ValueError) as e:   # urllib errors are OSErrors; a bad body is a ValueError
+        return {"error": f"{type(e).__name__}: {e}"}
 
 
 def _guard_summary(report: dict) -> dict:

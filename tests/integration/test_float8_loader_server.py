@@ -96,3 +96,16 @@ def test_float8_loader_with_and_without_a_lora_in_a_headless_server(family, serv
     lora_image, log = run(srv, lora_api, tmp_path / "lora")
     assert "lora key not loaded" not in log, log[-4000:]
     assert np.abs(lora_image - base_image).mean() > 1.0, "the LoRA should change the image"
+
+
+def test_memory_route_counts_what_the_loaded_models_hold(server):
+    """GET /lowvram/memory after the prompts above: ComfyUI's loaded models and a census of live tensors on
+    its device (the CPU here), every byte named by an owner."""
+    srv, _ = server
+    report = srv.get("/lowvram/memory?top=5")
+    assert report["device"] == "cpu" and report["tensors"]["tensors"] > 0
+    assert len(report["tensors"]["top"]) == 5 and all(g["owner"] and g["bytes"] > 0 for g in report["tensors"]["top"])
+    assert report["loaded_bytes"] == sum(m["loaded_bytes"] for m in report["loaded_models"])
+    assert report["unaccounted_bytes"] >= 0
+    with pytest.raises(Exception, match="400"):
+        srv.get("/lowvram/memory?top=lots")
