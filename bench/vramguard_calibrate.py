@@ -165,7 +165,7 @@ def decode_row(pack, mm, vae, fam: str, side: int, batch: int, device) -> dict:
     w = E.Workload(family=fam, batch=batch, latent_h=side // 8, latent_w=side // 8, weight_bytes=1,
                    vae_dtype_bytes=torch.empty((), dtype=vae.vae_dtype).element_size())
     free = torch.cuda.mem_get_info(device)[0] if device.type == "cuda" else None
-    predicted = E.decode_bytes(w, budget_bytes=free, reserve=E.RESERVE_RESIDENT if device.type == "cuda" else 0)
+    predicted = E.decode_bytes(w, budget_bytes=free, reserve=E.DECODE_RESERVE if device.type == "cuda" else 0)
     t0 = time.perf_counter()
     with PeakSampler(device) as sampler, torch.no_grad():
         vae.decode(latent)

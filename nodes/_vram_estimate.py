@@ -78,12 +78,14 @@ RESERVE_OFFLOADED = int(0.87 * GiB)
 # fp8 storage, bf16 compute: allocated above the weights is 0.57 GiB vs 0.42 for bf16 (anchor), i.e.
 # 1.2 x the largest layer (single_blocks.*.linear1, 21504 x 3072) in bf16.
 CAST_COPIES = 1.2
-# VAE decode (Flux AE / SDXL VAE, 8x), measured on an H200 (bench/results/vramguard_calibration_nvidia-h200_
-# 2026-11-21T0750.json): one bf16 1024x1024 decode peaked at 3.24 GiB, of which 2.62 GiB above the weights,
-# the fp32 output and the reserve; the CPU figure of models.md 4.3 (2.11 GiB x GPU/CPU) under-predicted by
-# 31-42%. With this constant the GPU rows (0.26-9.4 MP per call, both VAEs) are predicted within 10%,
-# except the smallest call (512x512: 1.27 predicted for 0.93 GiB, on the safe side).
-VAE_BYTES_PER_OUT_PX = (3.24 - 0.618) * GiB / (1024 * 1024)
+# VAE decode (Flux AE / SDXL VAE, 8x), measured on an H200 in two runs (bench/results/vramguard_calibration_
+# nvidia-h200_2026-11-21T0750.json and T0805, identical peaks): 0.93, 3.24, 7.06, 12.38 and 25.37 GiB for
+# 0.26, 1.05, 2.36, 4.19 and 9.44 megapixels per call, both VAEs alike. The peak is linear in the pixels of
+# one call: VAE weights + the fp32 output + DECODE_RESERVE + VAE_BYTES_PER_OUT_PX x pixels, fitted for the
+# smallest worst-case error over all of them: every row within 4.2% (the earlier one-point fit at 1024 px
+# with the sampling reserve put the 512 px decode 36% high).
+VAE_BYTES_PER_OUT_PX = 2.895 * GiB / (1024 * 1024)   # bf16 VAE; scaled by vae_dtype_bytes / 2
+DECODE_RESERVE = int(0.08 * GiB)                      # what a decode adds beyond weights, working set, output
 VAE_PARAMS = 83_819_683
 MIN_TILE_PX = 256
 
@@ -91,7 +93,8 @@ CALIBRATION = {
     "activations": {f: p.source for f, p in PROFILES.items()},
     "reserve": "bench/results/comfy_core_flux_anchor_nvidia-h200_2026-11-21T0611.json (NVML - torch allocated)",
     "cast_copies": "same file: fp8 rows vs bf16 rows, allocated above loaded weights",
-    "vae_decode": "bench/results/vramguard_calibration_nvidia-h200_2026-11-21T0750.json (1024 px, batch 1)",
+    "vae_decode": "bench/results/vramguard_calibration_nvidia-h200_2026-11-21T0750.json and T0805 (0.26-9.4 MP "
+                  "per call, both VAEs; two-constant fit)",
     "unknown_models": "Flux's bytes per token scaled by sqrt(parameters / Flux's), tokens = latent px / 4",
 }
 
@@ -220,7 +223,7 @@ def cast_bytes(w: Workload) -> int:
 
 
 def decode_bytes(w: Workload, tile_px: int = 0, images_per_call: int | None = None,
-                 reserve: int = RESERVE_RESIDENT, budget_bytes: int | None = None) -> int:
+                 reserve: int = DECODE_RESERVE, budget_bytes: int | None = None) -> int:
     """VAE decode peak: weights + working set of one call + the fp32 [B, 3, H, W] output buffer + reserve.
 
     images_per_call None: as many whole images as fit `budget_bytes` (ComfyUI's VAE Decode and LazyVAEDecode
@@ -271,7 +274,7 @@ def estimate(w: Workload, p: Placement, batch_chunk: int | None = None, tile_px:
         "reserve": reserve_bytes(p),
     }
     sampling = sum(comps.values())
-    dec = decode_bytes(w, tile_px, reserve=RESERVE_RESIDENT if on_device else 0, budget_bytes=decode_budget)
+    dec = decode_bytes(w, tile_px, reserve=DECODE_RESERVE if on_device else 0, budget_bytes=decode_budget)
     comps["decode"] = dec
     return Estimate(int(sampling), int(dec), comps, rough=prof is None, notes=tuple(notes))
 
