@@ -1,7 +1,7 @@
 """VRAMGuard's contact with ComfyUI: measure the job and the device, say where weights would sit for a
 given cap, and apply a cap. The arithmetic lives in _vram_estimate.py and _vram_policy.py.
 
-Where the diffusion weights sit, by case (`Placements.placement_for(cap)`):
+Where the diffusion weights sit, by case (`Placements.placement_for(cap, images_per_run)`):
 - block-streamed (ChunkedOffloadUNet's session in `patcher.attachments["lowvram_block_streaming"]`): the
   offload planner's plan for the session's blocks at the budget that leaves `cap` for the weights, plus
   the weights ComfyUI loads itself (embedders, final layer). A cap re-plans the session (`apply_cap`).
@@ -124,7 +124,7 @@ class Placements:
         shape = [images_per_call] + list(noise_shape[1:])
         # ComfyUI's own activation estimate: the streamer plans with it; ComfyUI loads leaving it free.
         self.comfy_activation = int(patcher.model.memory_required(shape))
-        self.comfy_minimum = int(patcher.model.memory_required([noise_shape[0]] + list(noise_shape[1:])))
+        self.noise_shape = tuple(noise_shape)
         self.block_bytes = block_nbytes(self.session.blocks) if self.session is not None else []
         self.margin = DEFAULT_MARGIN_BYTES
         self.floor = self._streaming_floor() if self.session is not None else 0
@@ -135,24 +135,33 @@ class Placements:
             return "streamed"
         return "cpu" if self.device.type != "cuda" else "comfy"
 
-    def placement_for(self, cap: int | None) -> Placement:
+    def placement_for(self, cap: int | None, images_per_run: int | None = None) -> Placement:
+        """Where the weights sit with at most `cap` device bytes (None: as set up) when a sampling runs
+        `images_per_run` latents (None: the whole batch). ComfyUI sizes its loading by the run's batch, so
+        a batch split into runs of 1 may load a model whole that the full batch would load in part."""
         if self.session is not None:
             return self._streamed(cap)
         if self.device.type != "cuda":
             return Placement("cpu", 0)
-        resident = comfy_partial_resident(self.card_bytes, self.weight_bytes, self.comfy_required(),
+        resident = comfy_partial_resident(self.card_bytes, self.weight_bytes, self.comfy_required(images=images_per_run),
                                           int(mm.minimum_inference_memory()), mm.MIN_WEIGHT_MEMORY_RATIO)
         if cap is not None:
             resident = min(resident, max(0, cap))
         kind = "full" if resident >= self.weight_bytes else "comfy_partial"
         return Placement(kind, resident, 0, 0)
 
-    def comfy_required(self, extra_reserved: int | None = None) -> int:
+    def comfy_minimum(self, images: int | None = None) -> int:
+        """ComfyUI's activation estimate for one run of `images` latents (None: the whole batch): what
+        prepare_sampling passes as the minimum when it loads the model (estimate_memory, batch not doubled)."""
+        n = self.noise_shape[0] if images is None else images
+        return int(self.patcher.model.memory_required([n] + list(self.noise_shape[1:])))
+
+    def comfy_required(self, extra_reserved: int | None = None, images: int | None = None) -> int:
         """ComfyUI's minimum_memory_required when it loads this model (load_models_gpu): its activation
-        estimate for the batch or its minimum inference memory, whichever is larger, plus reserved VRAM."""
+        estimate for the run or its minimum inference memory, whichever is larger, plus reserved VRAM."""
         extra = int(mm.extra_reserved_memory()) if extra_reserved is None else extra_reserved
         inference = int(mm.minimum_inference_memory()) - int(mm.extra_reserved_memory())
-        return max(inference, self.comfy_minimum) + extra
+        return max(inference, self.comfy_minimum(images)) + extra
 
     # ---- block streaming ---------------------------------------------------------------------------
     def streaming_budget(self, cap: int | None) -> int:
@@ -201,12 +210,13 @@ class Placements:
             self.session.detach("VRAMGuard re-plans the resident set")
         return {"session": self.session, "settings": old}
 
-    def reserve_for_cap(self, cap: int | None) -> int:
-        """Extra reserved VRAM that makes ComfyUI keep `cap` bytes of this model resident (0: no change)."""
+    def reserve_for_cap(self, cap: int | None, images_per_run: int | None = None) -> int:
+        """Extra reserved VRAM that makes ComfyUI keep `cap` bytes of this model resident (0: no change) in
+        runs of `images_per_run` latents (None: the whole batch)."""
         if cap is None or self.session is not None or self.device.type != "cuda":
             return 0
         keep_free = self.card_bytes - cap            # ComfyUI keeps free: its minimum + its reserve
-        return max(0, keep_free - self.comfy_required())
+        return max(0, keep_free - self.comfy_required(images=images_per_run))
 
 
 def restore(token: dict | None) -> None:

@@ -7,9 +7,10 @@ after an out-of-memory error, and the words that tell the user.
     d.plan                                           # RunPlan(batch_chunk, weight_cap_bytes, tile_px)
     later, on an OOM: after_oom(d.plan, workload, placement_for) -> (RunPlan, what changed)
 
-`placement_for(cap)` is the adapter's answer to "where would the weights be if they may use at most
-`cap` device bytes (None: as the user set them up)": ComfyUI's partial loading, the block streamer's
-planner, or the CPU. Caps below the placement's floor are never asked for.
+`placement_for(cap, images_per_run)` is the adapter's answer to "where would the weights be if they may use
+at most `cap` device bytes (None: as the user set them up), in runs of that many latents (None: the whole
+batch)": ComfyUI's partial loading, the block streamer's planner, or the CPU. Caps below the placement's
+floor are never asked for.
 """
 from __future__ import annotations
 
@@ -23,7 +24,8 @@ GiB = 1 << 30
 POLICIES = ("adapt", "warn", "fail_fast")
 MAX_RETRIES = 16
 OOM_SHRINK = 0.7          # after an OOM the weights may keep 70% of the device bytes they had
-PlacementFor = Callable[[int | None], Placement]
+# placement_for(cap, images_per_run): cap None = weights as set up; images_per_run None = the whole batch.
+PlacementFor = Callable[[int | None, int | None], Placement]
 
 
 def gib(n: float) -> str:
@@ -152,26 +154,30 @@ def search(w: Workload, placement_for: PlacementFor, usable: int, can_split: boo
     """The least disruptive plan predicted to fit `usable`: first the largest batch chunk that fits with
     the weights as they are (splitting a batch costs little once a GPU is saturated), then the largest
     chunk for which capping the weights (more offload, slower steps) fits. The decode tiles when its
-    whole-image estimate does not fit. Returns the smallest plan when nothing fits."""
-    p0 = placement_for(None)
+    whole-image estimate does not fit. Returns the smallest plan when nothing fits.
+
+    Each chunk is judged with the weights placed for runs of that chunk: ComfyUI sizes its loading by
+    the run's batch, so smaller runs may keep more of the model on the device."""
+    p0 = placement_for(None, None)
     chunks = _chunks(w.batch) if can_split else [w.batch]
     plan, placement = None, p0
     for chunk in chunks:
-        if _sampling(w, p0, chunk) <= usable:
-            plan = RunPlan(chunk)
+        p = placement_for(None, chunk)
+        if _sampling(w, p, chunk) <= usable:
+            plan, placement = RunPlan(chunk), p
             break
     if plan is None and p0.kind != "cpu":
         for chunk in chunks:
             cap = usable - _non_weight(w, p0, chunk)
             if cap >= p0.floor_bytes and cap < p0.device_weight_bytes:
-                p = placement_for(cap)
+                p = placement_for(cap, chunk)
                 if _sampling(w, p, chunk) <= usable:
                     plan, placement = RunPlan(chunk, cap), p
                     break
     if plan is None:   # nothing fits: the smallest we can do
         floor = p0.floor_bytes if p0.kind != "cpu" and p0.floor_bytes < p0.device_weight_bytes else None
         plan = RunPlan(chunks[-1], floor)
-        placement = placement_for(floor) if floor is not None else p0
+        placement = placement_for(floor, chunks[-1])
     tile = 0
     if estimate(w, placement, plan.batch_chunk, decode_budget=usable).decode_bytes > usable:
         tile = largest_tile_px(w, usable)
@@ -183,7 +189,7 @@ def search(w: Workload, placement_for: PlacementFor, usable: int, can_split: boo
 def decide(w: Workload, placement_for: PlacementFor, s: GuardSettings, usable: int,
            can_split: bool = True, notes: list[str] | tuple[str, ...] = ()) -> Decision:
     """Fits / adapted / over (warn, or adapt that could not fit) / refused (fail_fast), with messages."""
-    p0 = placement_for(None)
+    p0 = placement_for(None, None)
     first = estimate(w, p0, decode_budget=usable)
     msgs = list(notes) + list(first.notes)
     head = f"{first.describe()} vs {gib(usable)} usable"
@@ -218,7 +224,7 @@ def after_oom(plan: RunPlan, w: Workload, placement_for: PlacementFor, can_split
     First the weights shrink to OOM_SHRINK of what they held (not below their floor), then the batch
     halves; when neither can change, the same plan runs again after memory was freed (an OOM can come
     from fragmentation or from another process's transient allocation)."""
-    p = placement_for(plan.weight_cap_bytes)
+    p = placement_for(plan.weight_cap_bytes, plan.batch_chunk)
     if p.kind != "cpu" and p.device_weight_bytes > p.floor_bytes:
         cap = max(p.floor_bytes, int(p.device_weight_bytes * OOM_SHRINK))
         return (replace(plan, weight_cap_bytes=cap),

@@ -116,7 +116,7 @@ class GuardSession:
             w = Workload(family="unknown", batch=b, latent_h=1, latent_w=1, weight_bytes=0)
             conds = getattr(guider, "conds", {}) or {}
             return {"decision": None, "plan": RunPlan(b), "workload": w, "placements": None,
-                    "placement_for": lambda cap: Placement("cpu", 0), "suggestion": "",
+                    "placement_for": lambda cap, images_per_run=None: Placement("cpu", 0), "suggestion": "",
                     "split_ok": can_split(noise, latent_image, conds, kwargs)}
 
     def predict(self, guider, noise, latent_image, kwargs) -> dict:
@@ -150,7 +150,7 @@ class GuardSession:
         token = placements.apply_cap(plan.weight_cap_bytes)
         if placements.kind == "comfy":
             self.cap = plan.weight_cap_bytes
-            self.reserve_extra = placements.reserve_for_cap(plan.weight_cap_bytes)
+            self.reserve_extra = placements.reserve_for_cap(plan.weight_cap_bytes, plan.batch_chunk)
         return token
 
     def sample_with_retries(self, executor, guider, ctx, inputs, kwargs):

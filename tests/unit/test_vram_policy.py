@@ -20,7 +20,7 @@ def flux(batch=1, side=128):
 
 def comfy_gpu(weight_bytes=FLUX_BYTES):
     """ComfyUI keeps everything resident unless capped; it can offload down to nothing."""
-    def placement_for(cap):
+    def placement_for(cap, images_per_run=None):
         if cap is None or cap >= weight_bytes:
             return E.Placement("full", weight_bytes, 0, 0)
         return E.Placement("comfy_partial", max(0, cap), 0, 0)
@@ -28,13 +28,13 @@ def comfy_gpu(weight_bytes=FLUX_BYTES):
 
 
 def streamed(weight_bytes=FLUX_BYTES, floor=3 * GiB, as_set_up=16 * GiB):
-    def placement_for(cap):
+    def placement_for(cap, images_per_run=None):
         dev = as_set_up if cap is None else max(floor, min(cap, weight_bytes))
         return E.Placement("streamed", dev - GiB if dev > floor else floor - GiB, GiB, floor)
     return placement_for
 
 
-def cpu(cap):
+def cpu(cap, images_per_run=None):
     return E.Placement("cpu", 0)
 
 
@@ -125,6 +125,32 @@ def test_adapt_splits_a_batch_before_it_offloads_weights():
     assert "batch of 4 sampled as 2 runs of <= 2" in d.text and d.estimate.sampling_bytes <= 23.5 * GiB
 
 
+def comfy_loads_by_run(card_bytes, weight_bytes=FLUX_BYTES, per_image=2 * GiB):
+    """ComfyUI-like: it loads what fits beside its activation estimate for the run's batch."""
+    def placement_for(cap, images_per_run=None):
+        run = 4 if images_per_run is None else images_per_run
+        resident = min(weight_bytes, card_bytes - run * per_image)
+        resident = resident if cap is None else min(resident, cap)
+        return E.Placement("full" if resident >= weight_bytes else "comfy_partial", max(0, resident), 0, 0)
+    return placement_for
+
+
+def test_a_split_batch_is_predicted_with_the_weights_comfyui_loads_for_the_smaller_runs():
+    """Issue #6's NewBie row (1536 px, batch 4, 8 GiB): split into runs of 1, ComfyUI loaded the whole model
+    (its estimate for one image left room) where the guard had assumed the partial load of the full
+    batch, and predicted 6.15 GiB for a 7.92 GiB peak. Each chunk is now judged with its own placement."""
+    w = flux(batch=4, side=192)
+    placement_for = comfy_loads_by_run(card_bytes=28 * GiB)   # batch 4: 20 GiB of 22.17 loaded; runs of 1: all
+    d = P.decide(w, placement_for, settings(), 24 * GiB)
+    assert d.verdict == "adapted" and d.plan == P.RunPlan(1), d.text
+    assert d.placement == placement_for(None, 1) and d.placement.kind == "full"
+    assert d.estimate.sampling_bytes <= 24 * GiB
+    # Judged with the full batch's 20 GiB, runs of 2 would have looked like a fit; with the weights ComfyUI
+    # loads for runs of 2 (all of them) they do not.
+    assert P.estimate(w, placement_for(None, None), 2).sampling_bytes <= 24 * GiB
+    assert P.estimate(w, placement_for(None, 2), 2).sampling_bytes > 24 * GiB
+
+
 def test_adapt_caps_the_weights_when_the_batch_cannot_help():
     d = P.decide(flux(), comfy_gpu(), settings(), 12 * GiB)
     assert d.verdict == "adapted" and d.plan.batch_chunk == 1
@@ -137,9 +163,9 @@ def test_adapt_caps_the_weights_when_the_batch_cannot_help():
 def test_decode_batches_by_memory_then_tiles():
     w = flux(batch=4, side=192)          # 1536 px: ~3.8 GiB of decode working set per image
     p = E.Placement("streamed", GiB, GiB // 2, GiB)
-    d = P.decide(w, lambda cap: p, settings(), 8 * GiB)
+    d = P.decide(w, lambda cap, images_per_run=None: p, settings(), 8 * GiB)
     assert d.verdict == "fits" and d.plan.tile_px == 0, d.text     # the decoder takes one image per call
-    d = P.decide(w, lambda cap: p, settings(), 3.5 * GiB)
+    d = P.decide(w, lambda cap, images_per_run=None: p, settings(), 3.5 * GiB)
     assert d.verdict == "adapted" and d.plan.batch_chunk == 1 and d.plan.tile_px == 1024, d.text
     assert d.estimate.decode_bytes <= 3.5 * GiB and "tiled VAE decode at 1024 px" in d.text
 
