@@ -265,7 +265,7 @@ def _memory_census(server: ComfyServer) -> dict:
 def _guard_summary(report: dict) -> dict:
     """The parts of a VRAMGuard report a benchmark row needs (the full report has the whole timeline)."""
     keep = ("policy", "decision", "prediction", "plan", "actions", "changes", "peak", "stages", "retries", "oom",
-            "warnings", "budget", "predicted_peak_bytes", "measured_peak_bytes")
+            "warnings", "budget", "predicted_peak_bytes", "measured_peak_bytes", "events", "timings")
     return {k: v for k, v in report.items() if k in keep or not isinstance(v, (list, dict))}
 
 

@@ -7,6 +7,7 @@ two lines and no import of the guard itself (nothing happens when no guard is ac
     with guard.stage("decoding"):                    # LazyVAEDecode: the decode's peak and time
         cap = guard.decode_request()                 # None, or DecodeRequest(tile_px, max_bytes, why)
         guard.note({"kind": "decode", ...})          # what it did, as an event in the guard's report
+    guard.timing("streaming attached", 2.1)          # where time went, in the report's timings
 """
 from __future__ import annotations
 
@@ -67,3 +68,10 @@ def note(event: dict) -> None:
     run = active()
     if run is not None:
         run.note(event)
+
+
+def timing(what: str, seconds: float, **details) -> None:
+    """Add where time went ("streaming attached", 2.1 s, ...) to the active guard's report (no-op without one)."""
+    run = active()
+    if run is not None:
+        run.timing(what, seconds, **details)

@@ -25,11 +25,13 @@ def _gib(n) -> float | None:
     return None if n is None else round(n / GiB, 3)
 
 
-def build_report(result, decision=None, events=(), meta: dict | None = None, status: str = "finished") -> dict:
+def build_report(result, decision=None, events=(), meta: dict | None = None, status: str = "finished",
+                 timings=()) -> dict:
     """A JSON-able dict. `result`: a MonitorResult (or None); `decision`: a policy Decision (or None);
-    `events`: dicts such as {"kind": "oom", "attempt": 1, "change": "..."}; `meta`: model, device, ..."""
+    `events`: dicts such as {"kind": "oom", "attempt": 1, "change": "..."}; `meta`: model, device, ...;
+    `timings`: where the sampling stage's time went ({"what": "model loaded", "seconds": 1.2, ...})."""
     rep = {"version": REPORT_VERSION, "status": status, "time": time.strftime("%Y-%m-%dT%H:%M:%S"),
-           **(meta or {}), "events": list(events)}
+           **(meta or {}), "events": list(events), "timings": list(timings)}
     if decision is not None:
         rep["decision"] = {
             "verdict": decision.verdict, "messages": list(decision.messages), "plan": _plain(decision.plan),

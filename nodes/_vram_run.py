@@ -107,7 +107,7 @@ class GuardRun:
 
     def __init__(self, session, device, meta: dict, monitor: Monitor | None = None):
         self.session, self.device, self.meta = session, device, meta
-        self.decision, self.events, self.decode = None, [], None
+        self.decision, self.events, self.decode, self.timings = None, [], None, []
         if monitor is None and session.settings.report:
             monitor = Monitor(MemoryReader.open(device)).start()
         self.monitor = monitor
@@ -137,6 +137,11 @@ class GuardRun:
             if self.report is None:      # once the report is built, a late event has nowhere to go
                 self.events.append(dict(event))
 
+    def timing(self, what: str, seconds: float, **details) -> None:
+        with self._lock:
+            if self.report is None:
+                self.timings.append({"what": what, "seconds": round(seconds, 3), **details})
+
     @contextmanager
     def stage(self, name: str):
         self.begin_stage(name)
@@ -165,7 +170,7 @@ class GuardRun:
             self._cancel_timer()
             registry.deactivate(self)
             result = self.monitor.stop() if self.monitor is not None else None
-            self.report = build_report(result, self.decision, self.events, self.meta, status)
+            self.report = build_report(result, self.decision, self.events, self.meta, status, self.timings)
         try:
             self.session.deliver(self.report, result, self.decision)
         finally:

@@ -27,6 +27,7 @@ from __future__ import annotations
 import functools
 import logging
 import math
+import time
 import weakref
 from dataclasses import dataclass
 
@@ -40,6 +41,7 @@ from ..offload import DEFAULT_MARGIN_BYTES, BudgetTooSmall, Floor, OffloadConfig
 from ..offload.api import plan_for
 from ..offload.config import fmt_bytes
 from ..offload.packing import block_nbytes
+from . import _vram_registry as guard
 from ._vram_comfy import uses_cfg
 from ._weight_patches import FullLoadPatch, ResidentPatches, patch_for
 from .model_families import family_of_model
@@ -160,13 +162,21 @@ class BlockStreamingSession:
         resident = ResidentPatches()
         for p in patches:
             resident.add(p.tensor, p.patch)
+        t0 = time.perf_counter()
         self.streamer = offload_blocks(self.blocks, config, device, activation_bytes=act,
                                        seconds_per_block=seconds_per_block, resident_values=resident or None)
         self.apply_streamed_patches(patches)
         patcher.model.model_loaded_weight_memory += self.streamer.device_bytes
         self.attached_for = weakref.ref(patcher)
         self.plan_text = self.streamer.plan.describe()
-        log.info("LowVRAM Kit ChunkedOffloadUNet (%s): %s", self.family.name, self.plan_text)
+        seconds = time.perf_counter() - t0
+        log.info("LowVRAM Kit ChunkedOffloadUNet (%s): %s (attached in %.2f s)", self.family.name, self.plan_text,
+                 seconds)
+        # The guard's report shows what each attach cost (packing, pinning, copies to the device, LoRA merge).
+        guard.timing("streaming attached", seconds, with_block_times=seconds_per_block is not None,
+                     resident_bytes=self.streamer.resident_device_bytes, pinned_bytes=self.streamer.pinned_host_bytes,
+                     merged_patches=len(resident.by_tensor),
+                     per_call_patches=sum(not self.streamer.is_resident(p.block) for p in patches))
 
     def detach(self, why: str) -> None:
         if self.streamer is None:
@@ -174,9 +184,12 @@ class BlockStreamingSession:
         streamer, self.streamer, self.attached_for = self.streamer, None, None
         model = self.patcher.model
         model.model_loaded_weight_memory = max(0, model.model_loaded_weight_memory - streamer.device_bytes)
+        t0 = time.perf_counter()
         streamer.detach()
         self.clear_weight_patches()
-        log.info("LowVRAM Kit ChunkedOffloadUNet: streaming released (%s)", why)
+        seconds = time.perf_counter() - t0
+        log.info("LowVRAM Kit ChunkedOffloadUNet: streaming released (%s) in %.2f s", why, seconds)
+        guard.timing("streaming released", seconds, why=why)
 
     def on_detach(self, patcher, *_):
         # Clones share this session; only the patcher the streamer serves may release it (another clone
@@ -237,9 +250,12 @@ class BlockStreamingSession:
         # First step after the first load: time every block's compute, then plan again knowing it. Without
         # compute times the planner assumes transfers dominate and keeps a resident prefix; with them it
         # can spread resident blocks so that copies keep flowing while they compute.
+        t0 = time.perf_counter()
         with BlockTimer(self.blocks, self.new_event) as timer:
             out = executor(x, *args, **kwargs)
         seconds = timer.seconds()
+        guard.timing("first step, blocks timed", time.perf_counter() - t0,
+                     blocks_compute_s=None if seconds is None else round(sum(seconds), 4))
         if seconds is not None:
             self.block_seconds[shape_key] = seconds
         self.replan(patcher, x, seconds)

@@ -16,6 +16,7 @@ guarded sampling starts, or TAIL_S seconds after sampling, whichever comes first
 from __future__ import annotations
 
 import logging
+import time
 
 import torch
 
@@ -57,8 +58,13 @@ class GuardSession:
         """ComfyUI loads the model here: within the cap (its reserved VRAM raised for the duration)."""
         if self.cap is not None and model.load_device.type == "cuda" and model.loaded_size() > self.cap:
             model.partially_unload(model.offload_device, model.loaded_size() - self.cap)
-        with reserve_vram(self.reserve_extra):
-            return executor(model, noise_shape, conds, *args, **kwargs)
+        t0 = time.perf_counter()
+        try:
+            with reserve_vram(self.reserve_extra):
+                return executor(model, noise_shape, conds, *args, **kwargs)
+        finally:
+            if self.run is not None:    # what loading took inside the sampling stage (the report's timings)
+                self.run.timing("model loaded", time.perf_counter() - t0)
 
     def outer_sample(self, executor, noise, latent_image, sampler, sigmas, denoise_mask=None, callback=None,
                      disable_pbar=False, seed=None, **kwargs):
@@ -70,8 +76,10 @@ class GuardSession:
         run = self.run = GuardRun(self, patcher.load_device, self.meta(patcher), monitor)
         token, status = None, "finished"
         try:
+            t0 = time.perf_counter()
             ctx = self.preflight(guider, noise, latent_image, kwargs)
             run.decision = ctx["decision"]
+            run.timing("prediction", time.perf_counter() - t0)
             inputs = (noise, latent_image, sampler, sigmas, denoise_mask, callback, disable_pbar, seed)
             out, token = self.sample_with_retries(executor, guider, ctx, inputs, kwargs)
             return out

@@ -197,6 +197,12 @@ def test_streamed_model_shrinks_its_resident_set_on_oom_and_restores_the_setting
     rep = finished(session)
     assert rep["placement"] == "streamed"
     assert "diffusion weights on the device" in rep["events"][0]["change"]
+    # Where the sampling stage's time went: the prediction, ComfyUI's loading, each attach and release of
+    # the streamer (the OOM re-planned it: attached, released, attached again).
+    whats = [t["what"] for t in rep["timings"]]
+    assert whats[0] == "prediction" and "model loaded" in whats, whats
+    assert whats.count("streaming attached") >= 2 and "streaming released" in whats, whats
+    assert all(t["seconds"] >= 0 for t in rep["timings"])
 
 
 def test_batch_is_split_after_an_oom_on_the_cpu(pack, flux_small, comfy_cleanup):
