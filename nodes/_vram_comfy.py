@@ -127,6 +127,7 @@ class Placements:
         self.noise_shape = tuple(noise_shape)
         self.block_bytes = block_nbytes(self.session.blocks) if self.session is not None else []
         self.margin = DEFAULT_MARGIN_BYTES
+        self._plans: dict[tuple[int, int, int], object] = {}   # (budget, chunk, prefetch) -> Plan or refusal
         self.floor = self._streaming_floor() if self.session is not None else 0
 
     @property
@@ -184,12 +185,26 @@ class Placements:
             if cap is None and streamer is not None:   # attached: its plan is what will run
                 plan = streamer.plan
             else:
-                plan = plan_for(config, self.block_bytes, self.comfy_activation)
+                plan = self._plan(config)
         except BudgetTooSmall:
             return Placement("streamed", self.non_block_bytes, max(0, floor - self.non_block_bytes), floor)
         slots = plan.slot_count * plan.slot_bytes
         return Placement("streamed", self.non_block_bytes + plan.resident_bytes, slots, min(floor, self.non_block_bytes
                          + plan.resident_bytes + slots))
+
+    def _plan(self, config: OffloadConfig):
+        """The planner's plan for `config`, made once per budget: a decision asks for the same caps several
+        times, and planning Flux's 57 blocks takes 50-150 ms of Python each time."""
+        key = (config.budget_bytes, config.chunk_size, config.prefetch)
+        if key not in self._plans:
+            try:
+                self._plans[key] = plan_for(config, self.block_bytes, self.comfy_activation)
+            except BudgetTooSmall as e:
+                self._plans[key] = e
+        found = self._plans[key]
+        if isinstance(found, BudgetTooSmall):
+            raise found
+        return found
 
     def _streaming_floor(self) -> int:
         # The planner's own floor (the budget below which plan() refuses), less what it counts besides blocks.

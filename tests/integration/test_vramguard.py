@@ -499,6 +499,22 @@ def test_placements_of_a_streamed_model_follow_the_offload_planner(pack):
     assert session.settings is settings
 
 
+def test_placements_plan_each_budget_once(pack, monkeypatch):
+    """A decision asks for the same caps several times; each budget is planned once (Flux: 50-150 ms each)."""
+    blocks = [torch.nn.Linear(256, 256) for _ in range(8)]
+    settings = pack.streaming.StreamingSettings(0, 0, 0, False)
+    session = types.SimpleNamespace(blocks=blocks, settings=settings, streamer=None, detach=lambda why: None)
+    pl = pack.vc.Placements(FakeFluxPatcher(weight_bytes=4 * MiB, session=session, act_per_image=MiB),
+                            (1, 16, 8, 8), 1, card_bytes=GiB)
+    calls = []
+    real = pack.vc.plan_for
+    monkeypatch.setattr(pack.vc, "plan_for", lambda *a, **k: calls.append(a[0].budget_bytes) or real(*a, **k))
+    caps = [None, pl.floor + 2 * 263168, None, pl.floor + 2 * 263168, pl.floor - 1, pl.floor - 1]
+    first = [pl.placement_for(c) for c in caps]
+    assert [pl.placement_for(c) for c in caps] == first
+    assert len(calls) == len(set(calls)) == 3, calls     # three distinct budgets; the refused one too
+
+
 def test_read_memory_counts_nvml_free_torch_cache_and_what_comfy_can_unload(pack, monkeypatch):
     import comfy.model_management as mm
 
