@@ -152,7 +152,7 @@ class BlockStreamingSession:
     def free_bytes(device) -> int:
         return int(comfy.model_management.get_free_memory(device))
 
-    def attach(self, patcher, device, x_shape, seconds_per_block=None) -> None:
+    def attach(self, patcher, device, x_shape, seconds_per_block=None, adopt_hosts=None) -> None:
         act = activation_bytes(patcher.model, x_shape)
         config = OffloadConfig(budget_bytes=max(1, self.budget_bytes(device)),
                                chunk_size=self.settings.chunk_size, prefetch=self.settings.prefetch,
@@ -164,7 +164,8 @@ class BlockStreamingSession:
             resident.add(p.tensor, p.patch)
         t0 = time.perf_counter()
         self.streamer = offload_blocks(self.blocks, config, device, activation_bytes=act,
-                                       seconds_per_block=seconds_per_block, resident_values=resident or None)
+                                       seconds_per_block=seconds_per_block, resident_values=resident or None,
+                                       adopt_hosts=adopt_hosts)
         self.apply_streamed_patches(patches)
         patcher.model.model_loaded_weight_memory += self.streamer.device_bytes
         self.attached_for = weakref.ref(patcher)
@@ -174,22 +175,25 @@ class BlockStreamingSession:
                  seconds)
         # The guard's report shows what each attach cost (packing, pinning, copies to the device, LoRA merge).
         guard.timing("streaming attached", seconds, with_block_times=seconds_per_block is not None,
+                     adopted_groups=self.streamer.adopted_groups,
                      resident_bytes=self.streamer.resident_device_bytes, pinned_bytes=self.streamer.pinned_host_bytes,
                      merged_patches=len(resident.by_tensor),
                      per_call_patches=sum(not self.streamer.is_resident(p.block) for p in patches))
 
-    def detach(self, why: str) -> None:
+    def detach(self, why: str, keep_hosts: bool = False):
+        """Release the streamer; keep_hosts hands its pinned host buffers back for the next attach (re-plan)."""
         if self.streamer is None:
-            return
+            return None
         streamer, self.streamer, self.attached_for = self.streamer, None, None
         model = self.patcher.model
         model.model_loaded_weight_memory = max(0, model.model_loaded_weight_memory - streamer.device_bytes)
         t0 = time.perf_counter()
-        streamer.detach()
+        hosts = streamer.detach(keep_hosts=keep_hosts)
         self.clear_weight_patches()
         seconds = time.perf_counter() - t0
         log.info("LowVRAM Kit ChunkedOffloadUNet: streaming released (%s) in %.2f s", why, seconds)
         guard.timing("streaming released", seconds, why=why)
+        return hosts
 
     def on_detach(self, patcher, *_):
         # Clones share this session; only the patcher the streamer serves may release it (another clone
@@ -268,8 +272,9 @@ class BlockStreamingSession:
         new = plan_for(self.config, block_nbytes(self.blocks), self.activation_bytes, seconds_per_block)
         if (new.groups, new.resident, new.prefetch) == (old.groups, old.resident, old.prefetch):
             return
-        self.detach("re-planning with measured compute times")
-        self.attach(patcher, x.device, x.shape, seconds_per_block=seconds_per_block)
+        # The groups that stay streamed keep their packed, pinned host buffers: only what changed is redone.
+        hosts = self.detach("re-planning with measured compute times", keep_hosts=True)
+        self.attach(patcher, x.device, x.shape, seconds_per_block=seconds_per_block, adopt_hosts=hosts)
 
     def outer_sample_wrapper(self, executor, *args, **kwargs):
         guider = executor.class_obj  # CFGGuider (or a subclass): its cfg says whether the negative runs

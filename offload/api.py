@@ -17,7 +17,7 @@ from __future__ import annotations
 from .config import PINNED_H2D_BYTES_PER_S, OffloadConfig
 from .packing import ValuesFor, block_nbytes
 from .planner import Plan, plan
-from .streamer import BlockStreamer
+from .streamer import BlockStreamer, HostGroups
 
 
 def plan_for(config: OffloadConfig, block_bytes: list[int], activation_bytes: int,
@@ -31,10 +31,17 @@ def plan_for(config: OffloadConfig, block_bytes: list[int], activation_bytes: in
 def offload_blocks(blocks, config: OffloadConfig, device, activation_bytes: int,
                    seconds_per_block: list[float] | None = None,
                    h2d_bytes_per_s: float = PINNED_H2D_BYTES_PER_S,
-                   resident_values: ValuesFor | None = None) -> BlockStreamer:
+                   resident_values: ValuesFor | None = None,
+                   adopt_hosts: HostGroups | None = None) -> BlockStreamer:
     """Plan (refusing a budget below the floor before anything moves) and return an attached streamer.
-    `resident_values`: see BlockStreamer (other values for the device copies of resident groups)."""
+    `resident_values`, `adopt_hosts`: see BlockStreamer (other values for the device copies of resident
+    groups; host buffers a previous streamer of these blocks left pinned, unpinned here if unused)."""
     blocks = list(blocks)
-    chosen = plan_for(config, block_nbytes(blocks), activation_bytes, seconds_per_block, h2d_bytes_per_s)
-    return BlockStreamer(blocks, chosen, device, pin_memory=config.pin_memory,
-                         resident_values=resident_values).attach()
+    try:
+        chosen = plan_for(config, block_nbytes(blocks), activation_bytes, seconds_per_block, h2d_bytes_per_s)
+    except BaseException:
+        for host in (adopt_hosts or {}).values():
+            host.unpin()
+        raise
+    return BlockStreamer(blocks, chosen, device, pin_memory=config.pin_memory, resident_values=resident_values,
+                         adopt_hosts=adopt_hosts).attach()

@@ -1,10 +1,11 @@
 """BlockStreamer: run an ordered list of blocks within a device budget, streaming what is not resident.
 
 Lifecycle:
-    attach()  pack each streamed group into one host buffer (pinned when possible), copy resident
-              groups into one device arena (optionally with other values, `resident_values`: a merged
-              LoRA, computed once instead of on every call), allocate `prefetch + 1` slots, install block hooks,
-              start copying the first groups. Any error inside attach undoes all of it.
+    attach()  pack each streamed group into one host buffer (pinned when possible; or take over the
+              buffer a previous streamer left for the same blocks, `adopt_hosts`), copy resident groups
+              into one device arena (optionally with other values, `resident_values`: a merged LoRA,
+              computed once instead of on every call), allocate `prefetch + 1` slots, install block
+              hooks, start copying the first groups. Any error inside attach undoes all of it.
     forward   the model calls its blocks in order; a block's pre-hook makes sure its group is in a
               slot (copying it now if prefetch missed it), makes the compute stream wait for that
               copy only, points the modules at the slot, and queues the copies of the next
@@ -37,10 +38,14 @@ import torch
 from torch import nn
 
 from .config import LOG, fmt_bytes
-from .packing import GroupLayout, ValuesFor, block_tensors, pack_host, pin_cost_note
+from .packing import GroupLayout, HostGroup, ValuesFor, block_tensors, pack_host, pin_cost_note
 from .planner import Plan
 from .slots import SlotPool
 from .streams import backend_for
+
+
+# Streamed groups' host buffers handed from one streamer to the next: block indices -> HostGroup.
+HostGroups = dict[tuple[int, ...], HostGroup]
 
 
 def _tensors_like(inference: bool) -> contextlib.ExitStack:
@@ -60,7 +65,8 @@ def _tensors_like(inference: bool) -> contextlib.ExitStack:
 
 class BlockStreamer:
     def __init__(self, blocks, plan: Plan, device, *, pin_memory: bool = True,
-                 install_hooks: bool = True, trace: bool = False, resident_values: ValuesFor | None = None) -> None:
+                 install_hooks: bool = True, trace: bool = False, resident_values: ValuesFor | None = None,
+                 adopt_hosts: HostGroups | None = None) -> None:
         self.blocks: list[nn.Module] = list(blocks)
         if len(self.blocks) != len(plan.block_bytes):
             raise ValueError(f"offload: the plan is for {len(plan.block_bytes)} blocks, got {len(self.blocks)}")
@@ -72,6 +78,10 @@ class BlockStreamer:
         # The device copy of a resident group may hold other values than the host tensors (which stay as
         # they are and come back on detach); streamed groups always carry the tensors' own bytes.
         self.resident_values = resident_values
+        # Host buffers a previous streamer of these blocks handed over (detach(keep_hosts=True)): a group
+        # of the same blocks streams from its buffer as it is, already packed and pinned; the rest are
+        # unpinned once this attach has read them.
+        self._adopt = dict(adopt_hosts or {})
         self.trace: list[tuple[str, int, int]] | None = [] if trace else None
         # Made under torch.inference_mode() (as ComfyUI loads models)? Then so must be our buffers.
         self._inference = any(t.is_inference() for b in self.blocks for t in b.parameters())
@@ -104,6 +114,7 @@ class BlockStreamer:
         self._hooks: list = []
         self.copies = 0
         self.bytes_copied = 0
+        self.adopted_groups = 0  # streamed groups taken over from the previous streamer's host buffers
 
     def is_resident(self, block: int) -> bool:
         """True when block `block` stays on the device for the whole pass (its group is in the arena)."""
@@ -180,17 +191,12 @@ class BlockStreamer:
             layout.fill(flat, self.resident_values)
             layout.point_to(layout.views(flat))
         pin = self.pin_memory
-        for g in streamed:
-            host = pack_host(self._layouts[g], pin)
-            self._hosts[g] = host
-            if host.pin_error is not None:
-                pin = False  # the next groups would fail the same way, one slow call each
-                rest = sum(self._layouts[k].nbytes for k in streamed if k not in self._hosts) + host.buffer.nbytes
-                LOG.warning(
-                    "offload: could not pin %s of host memory (%s); streaming it from pageable memory: %s. "
-                    "Free host RAM or lower what is streamed (raise budget_bytes) to get pinned speed back.",
-                    fmt_bytes(rest), host.pin_error, pin_cost_note(),
-                )
+        adopted, self._adopt = self._adopt, {}
+        try:
+            self._pack_streamed(streamed, adopted, pin)
+        finally:
+            for host in adopted.values():   # not taken over: its blocks are resident or regrouped now
+                host.unpin()
         if self.install_hooks:
             for i, block in enumerate(self.blocks):
                 self._hooks.append(block.register_forward_pre_hook(
@@ -203,10 +209,40 @@ class BlockStreamer:
             self._stream().wait_stream(self.backend.current_stream())
             self._prefetch(self._windows[0])
 
-    def detach(self) -> None:
-        """Put every module back on host memory and free device memory, pinned pages and the stream."""
+    def _pack_streamed(self, streamed: list[int], adopted: HostGroups, pin: bool) -> None:
+        """A host buffer per streamed group: adopted from the last streamer when it holds the same blocks
+        (and is pinned as asked), else packed (and pinned) now."""
+        for g in streamed:
+            key = tuple(self.plan.groups[g])
+            host = adopted.get(key)
+            if host is not None and host.buffer.nbytes == self._layouts[g].nbytes and host.pinned == pin:
+                self._hosts[g] = adopted.pop(key)   # the modules already point at its views
+                self.adopted_groups += 1
+                continue
+            host = pack_host(self._layouts[g], pin)
+            self._hosts[g] = host
+            if host.pin_error is not None:
+                pin = False  # the next groups would fail the same way, one slow call each
+                rest = sum(self._layouts[k].nbytes for k in streamed if k not in self._hosts) + host.buffer.nbytes
+                LOG.warning(
+                    "offload: could not pin %s of host memory (%s); streaming it from pageable memory: %s. "
+                    "Free host RAM or lower what is streamed (raise budget_bytes) to get pinned speed back.",
+                    fmt_bytes(rest), host.pin_error, pin_cost_note(),
+                )
+
+    def detach(self, keep_hosts: bool = False) -> HostGroups | None:
+        """Put every module back on host memory and free device memory, pinned pages and the stream.
+
+        keep_hosts: leave the streamed groups' host buffers pinned and return them, keyed by their block
+        indices, for the next streamer of the same blocks (`adopt_hosts`), which then packs and pins
+        only what changed: re-planning after the first step costs a fraction of a fresh attach. Returns
+        None without keep_hosts."""
+        kept: HostGroups = {}
+        for host in self._adopt.values():   # handed to this streamer but never taken over
+            host.unpin()
+        self._adopt = {}
         if not self.attached:
-            return
+            return kept if keep_hosts else None
         try:
             if self._copy_stream is not None or self._arena is not None or self._slots is not None:
                 # Copies still reading pinned pages, and kernels (on whatever stream the model ran) still
@@ -219,12 +255,16 @@ class BlockStreamer:
             with _tensors_like(self._inference):
                 for g, host in self._hosts.items():
                     self._layouts[g].point_to(host.views)
-                    host.unpin()
+                    if keep_hosts:
+                        kept[tuple(self.plan.groups[g])] = host
+                    else:
+                        host.unpin()
                 for g, originals in self._originals.items():
                     self._layouts[g].point_to(originals)
             if self._slots is not None:
                 self._slots.close()
             self._reset()
+        return kept if keep_hosts else None
 
     # ---- per block ------------------------------------------------------------------------------
 

@@ -393,3 +393,50 @@ def test_resident_values_of_another_dtype_are_refused_and_nothing_stays_attached
         streamer.attach()
     assert not streamer.attached and streamer.device_bytes == 0
     assert torch.equal(run(blocks, X), ref)
+
+
+@pytest.mark.parametrize("second", ["more resident", "fewer resident", "regrouped"])
+def test_a_re_plan_adopts_the_host_buffers_of_groups_that_stay_streamed(monkeypatch, second):
+    """Re-planning after the first step (detach, attach a new plan) packs and pins only groups that
+    changed: a group of the same blocks streams from the buffer the last streamer left pinned. Nothing
+    stays pinned that no streamer uses, and the output stays bit-identical."""
+    registered = {}
+    monkeypatch.setattr(packing, "_cuda_host_register", lambda ptr, n: registered.__setitem__(ptr, n) or 0)
+    monkeypatch.setattr(packing, "_cuda_host_unregister", lambda ptr: registered.pop(ptr) and 0)
+    packed = []
+    real_pack = packing.pack_host
+    monkeypatch.setattr("offload.streamer.pack_host", lambda layout, pin: packed.append(layout.nbytes) or
+                        real_pack(layout, pin))
+    blocks = make_blocks()
+    expected = run(blocks, X)
+    first = BlockStreamer(blocks, manual_plan(blocks, 3, 1, 1), CPU)   # blocks 3-7 streamed, one per group
+    first.pin_memory = True
+    first.attach()
+    assert len(packed) == 5 and len(registered) == 5
+    hosts = first.detach(keep_hosts=True)
+    assert set(hosts) == {(3,), (4,), (5,), (6,), (7,)} and len(registered) == 5  # still pinned, handed over
+    resident_n, chunk, adopt = {"more resident": (5, 1, 3), "fewer resident": (1, 1, 5),
+                                "regrouped": (3, 2, 1)}[second]   # (3, 4) (5, 6) new, (7,) kept
+    packed.clear()
+    again = BlockStreamer(blocks, manual_plan(blocks, resident_n, chunk, 1), CPU, adopt_hosts=hosts)
+    again.pin_memory = True
+    again.attach()
+    assert again.adopted_groups == adopt
+    assert len(packed) == len(again.plan.streamed_groups) - adopt   # only new groups were packed
+    assert sum(registered.values()) == again.pinned_host_bytes      # nothing pinned beyond what streams
+    assert torch.equal(run(blocks, X), expected)
+    again.detach()
+    assert registered == {} and torch.equal(run(blocks, X), expected)
+
+
+def test_hosts_handed_to_a_streamer_that_never_attaches_are_unpinned(monkeypatch):
+    registered = {}
+    monkeypatch.setattr(packing, "_cuda_host_register", lambda ptr, n: registered.__setitem__(ptr, n) or 0)
+    monkeypatch.setattr(packing, "_cuda_host_unregister", lambda ptr: registered.pop(ptr) and 0)
+    blocks = make_blocks()
+    first = BlockStreamer(blocks, manual_plan(blocks, 3, 1, 1), CPU)
+    first.pin_memory = True
+    first.attach()
+    hosts = first.detach(keep_hosts=True)
+    BlockStreamer(blocks, manual_plan(blocks, 3, 1, 1), CPU, adopt_hosts=hosts).detach()
+    assert registered == {}
