@@ -20,7 +20,9 @@ How the two never manage the same weights, using ComfyUI's own patcher mechanism
   numbers) for the latent shape and batch of this sampling (x2 when CFG runs the negative): an explicit
   budget before anything loads, auto (free VRAM) once ComfyUI has loaded the rest of the model.
 - An ON_DETACH callback (ComfyUI unloading the model) and any exception during sampling (a refusal, a
-  cancelled prompt, an OOM) detach the streamer: device slots, pinned buffers and hooks are released.
+  cancelled prompt, an OOM) detach the streamer: device slots, pinned pages and hooks are released. On an
+  unload the packed host buffers (the blocks' host weights, unpinned) wait in PARKED_HOSTS, so the next
+  load re-pins them instead of packing again; the re-plan after the first step keeps them pinned.
 """
 from __future__ import annotations
 
@@ -56,6 +58,11 @@ def activation_bytes(base_model, shape) -> int:
     """ComfyUI's estimate of activations for one model call on latents of `shape` (B, C, H, W): what the
     planner reserves next to the blocks, at the first step (attach) and in the check before sampling."""
     return int(base_model.memory_required(list(shape)))
+
+
+# The packed (unpinned) host buffers of an unloaded streamed model, keyed by its first block, for whichever
+# session attaches those blocks next; an attach takes them, so at most one set per block list waits here.
+PARKED_HOSTS: "weakref.WeakKeyDictionary[torch.nn.Module, dict]" = weakref.WeakKeyDictionary()
 
 
 class HiddenBlocks(torch.nn.Module):
@@ -162,6 +169,8 @@ class BlockStreamingSession:
         resident = ResidentPatches()
         for p in patches:
             resident.add(p.tensor, p.patch)
+        if adopt_hosts is None:   # what the last streamer of these blocks left when the model was unloaded
+            adopt_hosts = PARKED_HOSTS.pop(self.blocks[0], None)
         t0 = time.perf_counter()
         self.streamer = offload_blocks(self.blocks, config, device, activation_bytes=act,
                                        seconds_per_block=seconds_per_block, resident_values=resident or None,
@@ -180,15 +189,16 @@ class BlockStreamingSession:
                      merged_patches=len(resident.by_tensor),
                      per_call_patches=sum(not self.streamer.is_resident(p.block) for p in patches))
 
-    def detach(self, why: str, keep_hosts: bool = False):
-        """Release the streamer; keep_hosts hands its pinned host buffers back for the next attach (re-plan)."""
+    def detach(self, why: str, keep_hosts: bool = False, unpin_kept: bool = False):
+        """Release the streamer; keep_hosts returns its host buffers for the next attach (pinned for a
+        re-plan, unpinned with unpin_kept)."""
         if self.streamer is None:
             return None
         streamer, self.streamer, self.attached_for = self.streamer, None, None
         model = self.patcher.model
         model.model_loaded_weight_memory = max(0, model.model_loaded_weight_memory - streamer.device_bytes)
         t0 = time.perf_counter()
-        hosts = streamer.detach(keep_hosts=keep_hosts)
+        hosts = streamer.detach(keep_hosts=keep_hosts, unpin_kept=unpin_kept)
         self.clear_weight_patches()
         seconds = time.perf_counter() - t0
         log.info("LowVRAM Kit ChunkedOffloadUNet: streaming released (%s) in %.2f s", why, seconds)
@@ -199,7 +209,11 @@ class BlockStreamingSession:
         # Clones share this session; only the patcher the streamer serves may release it (another clone
         # being unloaded or garbage-collected must not pull the blocks from under a running one).
         if self.attached_for is not None and self.attached_for() in (patcher, None):
-            self.detach("model unloaded")
+            # Unpinned (nothing page-locked stays behind an unloaded model), but kept: the packed buffers
+            # are the blocks' host weights anyway, and the next attach re-pins them instead of packing.
+            hosts = self.detach("model unloaded", keep_hosts=True, unpin_kept=True)
+            if hosts:
+                PARKED_HOSTS[self.blocks[0]] = hosts
 
     def clear_weight_patches(self) -> None:
         for m in self.block_modules():

@@ -221,6 +221,13 @@ class HostGroup:
         """Page-locked bytes (whole pages) while pinned, else 0."""
         return _align(self.buffer.nbytes, PAGE_BYTES) if self.pinned else 0
 
+    def pin(self) -> str | None:
+        """Page-lock the buffer again (after unpin); None on success, else why not (it stays pageable)."""
+        if not self.pinned and self.buffer.nbytes > 0:
+            self.pin_error = _pin(self.buffer)
+            self.pinned = self.pin_error is None
+        return None if self.pinned or self.buffer.nbytes == 0 else self.pin_error
+
     def unpin(self) -> None:
         """Give the pages back to the OS's pageable pool; the bytes stay valid (no copy)."""
         if self.pinned:

@@ -63,6 +63,13 @@ def _tensors_like(inference: bool) -> contextlib.ExitStack:
     return stack
 
 
+def _holds(layout: GroupLayout, host: HostGroup) -> bool:
+    """True when the group's tensors are `host`'s views now: its buffer is what the modules hold (a buffer
+    left by an older streamer, since re-pointed elsewhere, is not adopted)."""
+    return host.buffer.nbytes == layout.nbytes and len(host.views) == len(layout.entries) and all(
+        e.tensor.data_ptr() == v.data_ptr() for e, v in zip(layout.entries, host.views))
+
+
 class BlockStreamer:
     def __init__(self, blocks, plan: Plan, device, *, pin_memory: bool = True,
                  install_hooks: bool = True, trace: bool = False, resident_values: ValuesFor | None = None,
@@ -211,17 +218,21 @@ class BlockStreamer:
 
     def _pack_streamed(self, streamed: list[int], adopted: HostGroups, pin: bool) -> None:
         """A host buffer per streamed group: adopted from the last streamer when it holds the same blocks
-        (and is pinned as asked), else packed (and pinned) now."""
+        (re-pinned if it was left unpinned), else packed (and pinned) now."""
         for g in streamed:
             key = tuple(self.plan.groups[g])
             host = adopted.get(key)
-            if host is not None and host.buffer.nbytes == self._layouts[g].nbytes and host.pinned == pin:
-                self._hosts[g] = adopted.pop(key)   # the modules already point at its views
+            if host is not None and _holds(self._layouts[g], host):
+                self._hosts[g] = adopted.pop(key)   # the modules already point at its views: no packing
                 self.adopted_groups += 1
-                continue
-            host = pack_host(self._layouts[g], pin)
-            self._hosts[g] = host
-            if host.pin_error is not None:
+                if host.pinned and not pin:
+                    host.unpin()
+                elif pin and not host.pinned:
+                    host.pin()                      # a buffer left unpinned while the model was unloaded
+            else:
+                host = pack_host(self._layouts[g], pin)
+                self._hosts[g] = host
+            if pin and host.pin_error is not None:
                 pin = False  # the next groups would fail the same way, one slow call each
                 rest = sum(self._layouts[k].nbytes for k in streamed if k not in self._hosts) + host.buffer.nbytes
                 LOG.warning(
@@ -230,13 +241,14 @@ class BlockStreamer:
                     fmt_bytes(rest), host.pin_error, pin_cost_note(),
                 )
 
-    def detach(self, keep_hosts: bool = False) -> HostGroups | None:
+    def detach(self, keep_hosts: bool = False, unpin_kept: bool = False) -> HostGroups | None:
         """Put every module back on host memory and free device memory, pinned pages and the stream.
 
         keep_hosts: leave the streamed groups' host buffers pinned and return them, keyed by their block
         indices, for the next streamer of the same blocks (`adopt_hosts`), which then packs and pins
         only what changed: re-planning after the first step costs a fraction of a fresh attach. Returns
-        None without keep_hosts."""
+        None without keep_hosts. unpin_kept: unpin them all the same (a model being unloaded must not
+        hold page-locked memory); a later streamer re-pins them without packing again."""
         kept: HostGroups = {}
         for host in self._adopt.values():   # handed to this streamer but never taken over
             host.unpin()
@@ -257,7 +269,7 @@ class BlockStreamer:
                     self._layouts[g].point_to(host.views)
                     if keep_hosts:
                         kept[tuple(self.plan.groups[g])] = host
-                    else:
+                    if unpin_kept or not keep_hosts:
                         host.unpin()
                 for g, originals in self._originals.items():
                     self._layouts[g].point_to(originals)

@@ -84,6 +84,13 @@ def test_streaming_is_bit_identical_and_releases_everything(comfy, adapters, flu
     # ComfyUI never saw the block weights: it loaded only the rest, plus what the streamer reported.
     comfy.model_management.unload_all_models()
     assert session.streamer is None  # ON_DETACH released slots, pinned buffers and hooks
+    streaming, _ = adapters
+    assert session.blocks[0] in streaming.PARKED_HOSTS   # the packed host buffers wait, unpinned
+    # Loaded again: the streamed groups stream from those buffers, nothing is packed a second time.
+    assert torch.equal(sample(comfy, clone), ref)
+    assert session.streamer.adopted_groups == len(session.streamer.plan.streamed_groups) > 0
+    assert session.blocks[0] not in streaming.PARKED_HOSTS
+    comfy.model_management.unload_all_models()
     # The original model is untouched and still gives the reference.
     assert torch.equal(sample(comfy, flux_fp8), ref)
 

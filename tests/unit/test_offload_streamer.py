@@ -440,3 +440,29 @@ def test_hosts_handed_to_a_streamer_that_never_attaches_are_unpinned(monkeypatch
     hosts = first.detach(keep_hosts=True)
     BlockStreamer(blocks, manual_plan(blocks, 3, 1, 1), CPU, adopt_hosts=hosts).detach()
     assert registered == {}
+
+
+def test_hosts_kept_unpinned_across_an_unload_are_re_pinned_not_re_packed(monkeypatch):
+    """ComfyUI unloading the model releases the pinned pages (nothing page-locked stays behind), but the
+    packed buffers are the model's host weights anyway: the next attach re-pins them instead of packing."""
+    registered = {}
+    monkeypatch.setattr(packing, "_cuda_host_register", lambda ptr, n: registered.__setitem__(ptr, n) or 0)
+    monkeypatch.setattr(packing, "_cuda_host_unregister", lambda ptr: registered.pop(ptr) and 0)
+    packed = []
+    real_pack = packing.pack_host
+    monkeypatch.setattr("offload.streamer.pack_host", lambda layout, pin: packed.append(1) or real_pack(layout, pin))
+    blocks = make_blocks()
+    expected = run(blocks, X)
+    first = BlockStreamer(blocks, manual_plan(blocks, 3, 1, 1), CPU)
+    first.pin_memory = True
+    first.attach()
+    hosts = first.detach(keep_hosts=True, unpin_kept=True)
+    assert registered == {} and len(hosts) == 5 and not any(h.pinned for h in hosts.values())
+    packed.clear()
+    again = BlockStreamer(blocks, manual_plan(blocks, 3, 1, 1), CPU, adopt_hosts=hosts)
+    again.pin_memory = True
+    again.attach()
+    assert packed == [] and again.adopted_groups == 5 and len(registered) == 5
+    assert torch.equal(run(blocks, X), expected)
+    again.detach()
+    assert registered == {}
