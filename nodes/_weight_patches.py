@@ -19,13 +19,16 @@ import comfy.float
 import comfy.lora
 import comfy.model_patcher
 
+# The key's rounding seed: model_patcher.string_to_seed up to 0.3.7x; newer ComfyUI defines it in comfy.float.
+string_to_seed = getattr(comfy.model_patcher, "string_to_seed", None) or comfy.float.string_to_seed
+
 
 class FullLoadPatch:
     """weight -> patched weight (same dtype, shape, device), as patch_weight_to_device computes it."""
 
     def __init__(self, key: str, patches: dict, convert=None, setter=None):
         self.key, self.patches, self.convert, self.setter = key, patches, convert, setter
-        self.seed = comfy.model_patcher.string_to_seed(key)
+        self.seed = string_to_seed(key)
 
     def __call__(self, weight: torch.Tensor) -> torch.Tensor:
         temp = weight.to(torch.float32, copy=True)  # (out, in) or any shape: fp32 math like the full load
