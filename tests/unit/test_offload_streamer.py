@@ -311,14 +311,32 @@ def test_pin_failure_falls_back_to_pageable_with_one_warning(monkeypatch, caplog
     streamer.detach()
 
 
-def test_pinned_buffers_are_unpinned_on_detach(monkeypatch):
+def fake_pinning(monkeypatch) -> dict:
+    """cudaHostRegister/Unregister stand-ins: the returned dict maps each pinned pointer to its bytes."""
     registered = {}
     monkeypatch.setattr(packing, "_cuda_host_register", lambda ptr, n: registered.__setitem__(ptr, n) or 0)
     monkeypatch.setattr(packing, "_cuda_host_unregister", lambda ptr: registered.pop(ptr) and 0)
+    return registered
+
+
+def count_packing(monkeypatch) -> list:
+    """One entry per group the streamer packs (pack_host calls)."""
+    packed, real_pack = [], packing.pack_host
+    monkeypatch.setattr("offload.streamer.pack_host", lambda layout, pin: packed.append(layout.nbytes) or
+                        real_pack(layout, pin))
+    return packed
+
+
+def attached_pinned(blocks, plan, **kwargs) -> BlockStreamer:
+    streamer = BlockStreamer(blocks, plan, CPU, **kwargs)
+    streamer.pin_memory = True  # the CPU device never pins; pretend it is a CUDA device for packing
+    return streamer.attach()
+
+
+def test_pinned_buffers_are_unpinned_on_detach(monkeypatch):
+    registered = fake_pinning(monkeypatch)
     blocks = make_blocks()
-    streamer = BlockStreamer(blocks, manual_plan(blocks, 3, 1, 1), CPU)
-    streamer.pin_memory = True
-    streamer.attach()
+    streamer = attached_pinned(blocks, manual_plan(blocks, 3, 1, 1))
     assert streamer.pinned_host_bytes == sum(registered.values()) >= sum(block_nbytes(blocks[3:]))
     assert len(registered) == 5  # one registration per streamed group
     streamer.detach()
@@ -400,27 +418,18 @@ def test_a_re_plan_adopts_the_host_buffers_of_groups_that_stay_streamed(monkeypa
     """Re-planning after the first step (detach, attach a new plan) packs and pins only groups that
     changed: a group of the same blocks streams from the buffer the last streamer left pinned. Nothing
     stays pinned that no streamer uses, and the output stays bit-identical."""
-    registered = {}
-    monkeypatch.setattr(packing, "_cuda_host_register", lambda ptr, n: registered.__setitem__(ptr, n) or 0)
-    monkeypatch.setattr(packing, "_cuda_host_unregister", lambda ptr: registered.pop(ptr) and 0)
-    packed = []
-    real_pack = packing.pack_host
-    monkeypatch.setattr("offload.streamer.pack_host", lambda layout, pin: packed.append(layout.nbytes) or
-                        real_pack(layout, pin))
+    registered = fake_pinning(monkeypatch)
+    packed = count_packing(monkeypatch)
     blocks = make_blocks()
     expected = run(blocks, X)
-    first = BlockStreamer(blocks, manual_plan(blocks, 3, 1, 1), CPU)   # blocks 3-7 streamed, one per group
-    first.pin_memory = True
-    first.attach()
+    first = attached_pinned(blocks, manual_plan(blocks, 3, 1, 1))   # blocks 3-7 streamed, one per group
     assert len(packed) == 5 and len(registered) == 5
     hosts = first.detach(keep_hosts=True)
     assert set(hosts) == {(3,), (4,), (5,), (6,), (7,)} and len(registered) == 5  # still pinned, handed over
     resident_n, chunk, adopt = {"more resident": (5, 1, 3), "fewer resident": (1, 1, 5),
                                 "regrouped": (3, 2, 1)}[second]   # (3, 4) (5, 6) new, (7,) kept
     packed.clear()
-    again = BlockStreamer(blocks, manual_plan(blocks, resident_n, chunk, 1), CPU, adopt_hosts=hosts)
-    again.pin_memory = True
-    again.attach()
+    again = attached_pinned(blocks, manual_plan(blocks, resident_n, chunk, 1), adopt_hosts=hosts)
     assert again.adopted_groups == adopt
     assert len(packed) == len(again.plan.streamed_groups) - adopt   # only new groups were packed
     assert sum(registered.values()) == again.pinned_host_bytes      # nothing pinned beyond what streams
@@ -430,13 +439,9 @@ def test_a_re_plan_adopts_the_host_buffers_of_groups_that_stay_streamed(monkeypa
 
 
 def test_hosts_handed_to_a_streamer_that_never_attaches_are_unpinned(monkeypatch):
-    registered = {}
-    monkeypatch.setattr(packing, "_cuda_host_register", lambda ptr, n: registered.__setitem__(ptr, n) or 0)
-    monkeypatch.setattr(packing, "_cuda_host_unregister", lambda ptr: registered.pop(ptr) and 0)
+    registered = fake_pinning(monkeypatch)
     blocks = make_blocks()
-    first = BlockStreamer(blocks, manual_plan(blocks, 3, 1, 1), CPU)
-    first.pin_memory = True
-    first.attach()
+    first = attached_pinned(blocks, manual_plan(blocks, 3, 1, 1))
     hosts = first.detach(keep_hosts=True)
     BlockStreamer(blocks, manual_plan(blocks, 3, 1, 1), CPU, adopt_hosts=hosts).detach()
     assert registered == {}
@@ -445,23 +450,15 @@ def test_hosts_handed_to_a_streamer_that_never_attaches_are_unpinned(monkeypatch
 def test_hosts_kept_unpinned_across_an_unload_are_re_pinned_not_re_packed(monkeypatch):
     """ComfyUI unloading the model releases the pinned pages (nothing page-locked stays behind), but the
     packed buffers are the model's host weights anyway: the next attach re-pins them instead of packing."""
-    registered = {}
-    monkeypatch.setattr(packing, "_cuda_host_register", lambda ptr, n: registered.__setitem__(ptr, n) or 0)
-    monkeypatch.setattr(packing, "_cuda_host_unregister", lambda ptr: registered.pop(ptr) and 0)
-    packed = []
-    real_pack = packing.pack_host
-    monkeypatch.setattr("offload.streamer.pack_host", lambda layout, pin: packed.append(1) or real_pack(layout, pin))
+    registered = fake_pinning(monkeypatch)
+    packed = count_packing(monkeypatch)
     blocks = make_blocks()
     expected = run(blocks, X)
-    first = BlockStreamer(blocks, manual_plan(blocks, 3, 1, 1), CPU)
-    first.pin_memory = True
-    first.attach()
+    first = attached_pinned(blocks, manual_plan(blocks, 3, 1, 1))
     hosts = first.detach(keep_hosts=True, unpin_kept=True)
     assert registered == {} and len(hosts) == 5 and not any(h.pinned for h in hosts.values())
     packed.clear()
-    again = BlockStreamer(blocks, manual_plan(blocks, 3, 1, 1), CPU, adopt_hosts=hosts)
-    again.pin_memory = True
-    again.attach()
+    again = attached_pinned(blocks, manual_plan(blocks, 3, 1, 1), adopt_hosts=hosts)
     assert packed == [] and again.adopted_groups == 5 and len(registered) == 5
     assert torch.equal(run(blocks, X), expected)
     again.detach()
