@@ -49,6 +49,7 @@ def run_prompt(server: ComfyServer, api: dict, timeline, base_bytes: int | None,
     """Queue `api`, wait for it, return the measurements (and 'error' instead of raising on a failed prompt)."""
     client = f"bench-{uuid.uuid4().hex[:8]}"
     row: dict = {}
+    log_start = _log_size(server)
     with ProgressListener(server.url, client) as listener:
         t0 = time.monotonic()
         prompt_id = server.queue(api, client_id=client)
@@ -78,4 +79,26 @@ def run_prompt(server: ComfyServer, api: dict, timeline, base_bytes: int | None,
     row["s_per_it"], row["steps"] = s_per_it(events, sampler_ids(api), prompt_id)
     if entry is not None:
         row["images"] = sum(len(o.get("images", [])) for o in entry.get("outputs", {}).values())
+    row["pack_log"] = pack_log_lines(server, log_start)
     return row
+
+
+PACK_LOG_MARK = "LowVRAM Kit"
+PACK_LOG_MAX_LINES = 40
+
+
+def _log_size(server: ComfyServer) -> int:
+    path = getattr(server, "log_path", None)
+    return path.stat().st_size if path is not None and path.exists() else 0
+
+
+def pack_log_lines(server: ComfyServer, start: int) -> list[str]:
+    """The pack's own log lines written during this prompt (plans, attach times, placements), at most 40."""
+    path = getattr(server, "log_path", None)
+    if path is None or not path.exists():
+        return []
+    with open(path, "rb") as f:
+        f.seek(start)
+        text = f.read().decode(errors="replace")
+    lines = [line.strip()[:400] for line in text.splitlines() if PACK_LOG_MARK in line]
+    return lines[:PACK_LOG_MAX_LINES]

@@ -1,6 +1,12 @@
 """NewBieTextEncode: a prompt -> NewBie conditioning (Gemma-3 hidden states + mask, Jina pooled vector)."""
 from __future__ import annotations
 
+import logging
+import time
+
+log = logging.getLogger("lowvram")
+GiB = 1 << 30
+
 # NewBie's demo.py system prompts; the text is prepended to the caption for Gemma only (Jina sees the
 # caption alone) and an empty caption gets none, as there.
 SYSTEM_PROMPTS = {
@@ -45,4 +51,20 @@ class NewBieTextEncode:
             raise ValueError(f"this CLIP holds {', '.join(tokens)}, not NewBie's Gemma-3 + Jina CLIP v2 pair; load "
                              "the text encoders with NewBieTextEncoderLoader")
         tokens["jina"] = clip.tokenize(text)["jina"]
-        return (clip.encode_from_tokens_scheduled(tokens),)
+        t0 = time.perf_counter()
+        out = clip.encode_from_tokens_scheduled(tokens)
+        log_placement(clip, time.perf_counter() - t0)
+        return (out,)
+
+
+def log_placement(clip, seconds: float) -> None:
+    """Where the encoders ran and how much of them ComfyUI kept on that device (a partial load casts the
+    rest from host memory on every call): the first thing to read when text encoding is slow."""
+    patcher = getattr(clip, "patcher", None)
+    if patcher is None or not hasattr(patcher, "model_size"):
+        return
+    total = patcher.model_size()
+    loaded = patcher.loaded_size() if hasattr(patcher, "loaded_size") else total
+    log.info("LowVRAM Kit NewBieTextEncode: %.2f s on %s; %.2f of %.2f GiB of the encoders loaded there%s",
+             seconds, patcher.load_device, loaded / GiB, total / GiB,
+             "" if loaded >= total else " (ComfyUI loaded them in part: the rest is cast from host memory per call)")

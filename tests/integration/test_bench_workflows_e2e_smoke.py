@@ -39,3 +39,5 @@ def test_workflows_e2e_smoke_measures_ours_and_core(tmp_path):
     assert "loading" in prompts[0]["stages_s"] and "loading" not in prompts[1]["stages_s"], \
         "the repeat prompt (next seed) must reuse the loaded models"
     assert "sdxl_12gb" in proc.stdout and "wrote" in proc.stdout
+    # the pack's own log lines of each of our prompts travel with the row (VRAMGuard's decision at least)
+    assert any("VRAMGuard" in line for line in prompts[0]["pack_log"]), prompts[0]["pack_log"]

@@ -7,6 +7,7 @@ from __future__ import annotations
 import importlib
 import json
 import logging
+import re
 
 import pytest
 import torch
@@ -358,6 +359,7 @@ def test_headless_server_runs_the_shipped_newbie_workflow(files, synthetic_dir, 
     assert images and (tmp_path / "base" / "output" / images[0]["subfolder"] / images[0]["filename"]).stat().st_size > 100
     assert "unet unexpected" not in log and "unet missing" not in log
     assert "NewBieTextEncoderLoader: gemma" in log and "Float8DiTLoader: newbie" in log
+    assert re.search(r"NewBieTextEncode: [0-9.]+ s on cpu; [0-9.]+ of [0-9.]+ GiB of the encoders loaded there", log)
 
 
 # ---------------------------------------------------------------- newer ComfyUI: defer to its own NewBie support
