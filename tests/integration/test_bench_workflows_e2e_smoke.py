@@ -1,6 +1,6 @@
-"""`python -m bench.workflows_e2e --smoke` on the CPU: one shipped workflow, our graph and its core rewrite,
-in a real headless ComfyUI with tiny synthetic models. It checks the harness (server, conversion, timing
-from websocket events, result JSON), not speed: the GPU run is what measures.
+"""`python -m bench.workflows_e2e --smoke --warm-start` on the CPU: one shipped workflow, our graph and its
+core rewrite, in a real headless ComfyUI with tiny synthetic models. It checks the harness (server,
+conversion, timing from websocket events, warm-up, result JSON), not speed: the GPU run is what measures.
 """
 from __future__ import annotations
 
@@ -24,7 +24,7 @@ def test_workflows_e2e_smoke_measures_ours_and_core(tmp_path):
         pytest.skip("no ComfyUI tree: set COMFYUI_PATH or run scripts/bootstrap.sh")
     env = {**os.environ, "COMFYUI_PATH": comfy}
     proc = subprocess.run([sys.executable, "-m", "bench.workflows_e2e", "--smoke", "--workflows", "sdxl_12gb",
-                           "--parts", "tier,core", "--out-dir", str(tmp_path)],
+                           "--parts", "tier,core", "--warm-start", "--out-dir", str(tmp_path)],
                           cwd=REPO, env=env, capture_output=True, text=True, timeout=900)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     [result_file] = tmp_path.glob("workflows_e2e_smoke_*.json")
@@ -41,3 +41,6 @@ def test_workflows_e2e_smoke_measures_ours_and_core(tmp_path):
     assert "sdxl_12gb" in proc.stdout and "wrote" in proc.stdout
     # the pack's own log lines of each of our prompts travel with the row (VRAMGuard's decision at least)
     assert any("VRAMGuard" in line for line in prompts[0]["pack_log"]), prompts[0]["pack_log"]
+    # --warm-start: each graph ran once in a throwaway server before the measured one started
+    assert all(r["kernel_cache"] == "warm" for r in prompts)
+    assert all(r["warmup_prompt_s"] > 0 for r in prompts if r["prompt"] == "first")
