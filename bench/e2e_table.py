@@ -18,7 +18,9 @@ def merged_rows(files: list[str]) -> dict[tuple, dict]:
     for f in sorted(files):
         for r in json.loads(Path(f).read_text())["rows"]:
             if r.get("kind") == "prompt":
-                rows[(r["workflow"], r["graph"], r["part"], r["prompt"], r["budget_gib"])] = r | {"file": Path(f).name}
+                # Rows measured after a warm-up (--warm-start) never stand in for cold-start rows: part "tier+warm".
+                part = r["part"] + ("+warm" if r.get("kernel_cache") == "warm" else "")
+                rows[(r["workflow"], r["graph"], part, r["prompt"], r["budget_gib"])] = r | {"file": Path(f).name}
     return rows
 
 
