@@ -85,8 +85,43 @@ def tensor_census(device: str | torch.device, top: int = 10) -> dict:
 
 
 def allocator_bytes(device: str | torch.device) -> dict:
-    """PyTorch's caching allocator on a CUDA device: allocated (live tensors) and reserved (cached too)."""
+    """PyTorch's caching allocator on a CUDA device: allocated (live tensors) and reserved (cached too), and
+    how the reserved bytes sit in segments (segment_summary)."""
     device = torch.device(device)
     if device.type != "cuda" or not torch.cuda.is_available():
         return {}
-    return {"allocated": int(torch.cuda.memory_allocated(device)), "reserved": int(torch.cuda.memory_reserved(device))}
+    out = {"allocated": int(torch.cuda.memory_allocated(device)), "reserved": int(torch.cuda.memory_reserved(device))}
+    try:
+        out["allocator_backend"] = torch.cuda.get_allocator_backend()
+        out["segments"] = segment_summary(torch.cuda.memory_snapshot(), torch.cuda.current_device()
+                                          if device.index is None else device.index)
+    except (RuntimeError, AttributeError) as e:   # cudaMallocAsync keeps no segment table
+        out["segments"] = {"error": f"{type(e).__name__}: {e}"}
+    return out
+
+
+def segment_summary(snapshot: list[dict], device_index: int) -> dict:
+    """Reserved memory that empty_cache cannot give back: segments kept by a few live blocks.
+
+    The caching allocator returns a segment to the driver only when no block in it is live, so one small
+    tensor that outlives a prompt (a cache, a leaked reference) can hold a weight-sized segment. `snapshot` is
+    torch.cuda.memory_snapshot(): [{"device", "stream", "total_size", "allocated_size", ...}].
+
+    >>> segment_summary([{"device": 0, "stream": 0, "total_size": 100, "allocated_size": 2},
+    ...                  {"device": 0, "stream": 7, "total_size": 50, "allocated_size": 0}], 0)["held_by_few_live_bytes"]
+    98
+    """
+    mine = [seg for seg in snapshot if seg.get("device") == device_index]
+    partly = [seg for seg in mine if 0 < seg["allocated_size"] < seg["total_size"]]
+    by_stream: dict[str, int] = defaultdict(int)
+    for seg in mine:
+        by_stream[str(seg.get("stream", 0))] += seg["total_size"]
+    return {
+        "count": len(mine),
+        "reserved_bytes": sum(seg["total_size"] for seg in mine),
+        "free_segments_bytes": sum(seg["total_size"] for seg in mine if seg["allocated_size"] == 0),
+        "partly_used": len(partly),
+        # free bytes inside segments that a live block keeps from being released
+        "held_by_few_live_bytes": sum(seg["total_size"] - seg["allocated_size"] for seg in partly),
+        "reserved_by_stream": dict(by_stream),
+    }
