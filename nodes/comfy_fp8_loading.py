@@ -23,6 +23,7 @@ import comfy.sd
 from ..quant import QuantConfig, quantize_file, resolve_compute, save_quantized, source_fingerprint
 from ..quant.layouts import read_header
 from ..quant.safetensors_io import open_safetensors
+from ._comfy_progress import LoadProgress
 from .comfy_fp8_ops import make_fp8_ops
 from .model_families import Family, detect_family, keep_filter, parse_layer_patterns
 
@@ -76,7 +77,7 @@ def quantization_device() -> torch.device:
 def _quantize_file(path: str, cfg: QuantConfig, keep, prefix: str):
     device = quantization_device()
     try:
-        return quantize_file(path, cfg, keep, prefix=prefix, device=device)
+        return quantize_file(path, cfg, keep, prefix=prefix, device=device, progress=LoadProgress())
     except torch.OutOfMemoryError:
         if device.type == "cpu":
             raise
@@ -84,7 +85,7 @@ def _quantize_file(path: str, cfg: QuantConfig, keep, prefix: str):
         log.warning("LowVRAM Kit: not enough free memory on %s to quantize there; quantizing on the CPU instead "
                     "(slower, same result)", device)
         comfy.model_management.soft_empty_cache()
-        return quantize_file(path, cfg, keep, prefix=prefix, device="cpu")
+        return quantize_file(path, cfg, keep, prefix=prefix, device="cpu", progress=LoadProgress())
 
 
 def post_load_adapter(family: Family):

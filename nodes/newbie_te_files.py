@@ -26,6 +26,7 @@ from dataclasses import dataclass, field
 from typing import Callable
 
 from ..quant import QuantConfig, quantize_file, quantize_weight
+from ..quant.stream import Progress
 from ..quant.safetensors_io import open_safetensors, read_tensor
 from .jina_clip_v2 import config_from_state_dict
 from .newbie_jina_tokenizer import SPIECE, TOKENIZER_JSON, TokenizerSource
@@ -177,11 +178,13 @@ def _tokenizer(paths, keys, metadata, choices, what: str) -> TokenizerSource:
     return TokenizerSource(kind, raw.decode() if kind == TOKENIZER_JSON else raw, found)
 
 
-def _read(paths, cfg: QuantConfig | None, keep, prefix: str) -> tuple[dict, str]:
-    """Tensors under `prefix` (prefix stripped), fp8 + weight_scale for what `keep` does not keep."""
+def _read(paths, cfg: QuantConfig | None, keep, prefix: str, progress: Progress | None = None) -> tuple[dict, str]:
+    """Tensors under `prefix` (prefix stripped), fp8 + weight_scale for what `keep` does not keep.
+    `progress(done, total)`: per shard, after each tensor (quant.quantize_file's)."""
     sd, layouts = {}, set()
     for p in paths:
-        qf = quantize_file(p, cfg or QuantConfig(), keep if cfg else (lambda *_: True), prefix=prefix)
+        qf = quantize_file(p, cfg or QuantConfig(), keep if cfg else (lambda *_: True), prefix=prefix,
+                           progress=progress)
         sd.update(qf.state_dict)
         layouts.add(qf.layout)
     return sd, "+".join(sorted(layouts))
@@ -210,7 +213,7 @@ _GEMMA_PREFIXES = ("model.language_model.", "language_model.model.", "language_m
 _GEMMA_KEEP = (r"(model\.)?embed_tokens",)  # a lookup table: fp8 would need a per-row gather path
 
 
-def read_gemma(path: str, fp8: QuantConfig | None = None) -> TextEncoderFile:
+def read_gemma(path: str, fp8: QuantConfig | None = None, progress: Progress | None = None) -> TextEncoderFile:
     """Gemma-3-4B-it from any layout above, in ComfyUI's keys; fp8 (per-channel) when `fp8` is given."""
     expect_kind(path, "gemma3", "gemma_name")
     paths = shard_paths(path)
@@ -218,10 +221,10 @@ def read_gemma(path: str, fp8: QuantConfig | None = None) -> TextEncoderFile:
     prefix = _prefix(keys, "layers.0.self_attn.q_norm.weight", _GEMMA_PREFIXES, path)
     if prefix == "model.":
         # ComfyUI's layout is read whole: a scaled-fp8 file keeps its marker outside "model.".
-        raw, layout = _read(paths, fp8, keep_filter(_GEMMA_KEEP), "")
+        raw, layout = _read(paths, fp8, keep_filter(_GEMMA_KEEP), "", progress)
         items = [(k[len(prefix):], t) for k, t in raw.items() if k.startswith(prefix)]
     else:
-        raw, layout = _read(paths, fp8, keep_filter(_GEMMA_KEEP), prefix)
+        raw, layout = _read(paths, fp8, keep_filter(_GEMMA_KEEP), prefix, progress)
         items = list(raw.items())
     # Only the language model: lm_head, rotary buffers and anything else a converter saved are dropped.
     sd = {"model." + rest: t for rest, t in items
@@ -285,7 +288,7 @@ def _merge_lora(sd: dict, path: str, metadata: dict) -> list[str]:
     return [f"merged the default LoRA adapter (task {idx}, alpha {alpha:g}) into {len(pairs)} layers; from {source}"]
 
 
-def read_jina(path: str, fp8: QuantConfig | None = None) -> TextEncoderFile:
+def read_jina(path: str, fp8: QuantConfig | None = None, progress: Progress | None = None) -> TextEncoderFile:
     """Jina CLIP v2's text tower from any layout above, in ComfyUI's keys; fp8 encoder Linears if asked."""
     expect_kind(path, "jina", "jina_name")
     paths = shard_paths(path)
@@ -293,7 +296,7 @@ def read_jina(path: str, fp8: QuantConfig | None = None) -> TextEncoderFile:
     probe = next(p for p in ("encoder.layers.0.mixer.Wqkv.weight",
                              "encoder.layers.0.mixer.Wqkv.parametrizations.weight.original") if _has(keys, p))
     prefix = _prefix(keys, probe, _JINA_PREFIXES, path)
-    raw, layout = _read(paths, None, None, prefix)
+    raw, layout = _read(paths, None, None, prefix, progress)
     raw = {k: t for k, t in raw.items() if k.startswith(("embeddings.", "emb_ln.", "encoder.layers."))}
     notes = _merge_lora(raw, path, metadata)
     sd = {"model." + k: t for k, t in raw.items()}

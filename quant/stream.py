@@ -55,6 +55,10 @@ class QuantizedFile:
     file_config: QuantConfig | None  # the config recorded in one of our files
 
 
+# progress(tensors done, tensors in the file)
+Progress = Callable[[int, int], None]
+
+
 def _never_keep(_name: str, _shape: tuple[int, ...]) -> bool:
     return False
 
@@ -334,19 +338,24 @@ def iter_quantized(
 
 def quantize_file(
     path: str, cfg: QuantConfig, keep_high_precision: KeepFilter | None = None, prefix: str = "",
-    device: str | torch.device = "cpu",
+    device: str | torch.device = "cpu", progress: Progress | None = None,
 ) -> QuantizedFile:
     """Read `path` into the normalised fp8 state dict (see the module docstring), with a report.
 
     `prefix`: e.g. "model.diffusion_model." to take only the diffusion model of an all-in-one checkpoint.
     `device`: where high-precision weights are quantized ("cpu", or a CUDA device: same bytes, faster).
+    `progress(done, total)`: called after each tensor of the file (scales not counted); an exception it
+    raises (a cancelled prompt) stops the load, and everything read so far is dropped.
     """
     sd: dict[str, torch.Tensor] = {}
     done: dict[str, list[str]] = {"quantized": [], "fp8_source": [], "kept": [], "passed": [], "scale": []}
     r = _Reader(path, prefix)
+    total = sum(1 for name in r.header.st_dtypes if not r.is_companion(name))
     for key, t, action in _iter_with_actions(r, cfg, keep_high_precision or _never_keep, device):
         sd[key] = t
         done[action].append(key)
+        if progress is not None and action != "scale":
+            progress(len(sd) - len(done["scale"]), total)
     file_cfg = check_metadata(r.header.metadata, path) if r.layout.kind == "lowvram" else None
     return QuantizedFile(sd, r.layout.kind, tuple(done["quantized"]), tuple(done["fp8_source"]),
                          tuple(done["kept"]), file_cfg)

@@ -125,6 +125,31 @@ def test_saved_copy_reloads_identically(pack, flux_path, tmp_path):
     assert torch.equal(a.weight_scale, b.weight_scale)
 
 
+def test_loading_shows_progress_and_a_cancel_stops_it_leaving_no_file(pack, flux_path, tmp_path, monkeypatch):
+    """The quantizing load moves ComfyUI's progress bar tensor by tensor, and the cancel button stops it
+    between two tensors: ComfyUI's InterruptProcessingException, and no saved copy, not even a partial one."""
+    import comfy.model_management as mm
+    import comfy.utils
+
+    from lowvram_kit.quant import QuantConfig
+
+    updates = []
+    monkeypatch.setattr(comfy.utils, "PROGRESS_BAR_HOOK", lambda value, total, preview, node_id=None: updates.append(
+        (value, total)))
+    pack.load_fp8_model(flux_path, pack.Fp8LoadConfig(QuantConfig()))
+    total = updates[-1][1]
+    assert updates[-1] == (total, total) and len(updates) == total > 10
+
+    copy = tmp_path / "flux.lowvram.safetensors"
+    mm.interrupt_current_processing(True)
+    try:
+        with pytest.raises(mm.InterruptProcessingException):
+            pack.load_fp8_model(flux_path, pack.Fp8LoadConfig(QuantConfig(), save_copy_to=str(copy)))
+    finally:
+        mm.interrupt_current_processing(False)
+    assert list(tmp_path.iterdir()) == []
+
+
 def test_a_text_encoder_file_is_refused_naming_what_was_looked_for(pack, tiny_model):
     with pytest.raises(ValueError, match="not a diffusion model .*double_blocks"):
         load(pack, str(tiny_model("clip-l")))

@@ -59,6 +59,27 @@ def test_high_precision_file_is_quantized_per_channel(tmp_path):
     assert set(res.state_dict) == {f"{k}.{s}" for k in w for s in ("weight", "weight_scale")} | set(_extras())
 
 
+def test_progress_counts_every_tensor_and_an_exception_in_it_stops_the_load(tmp_path):
+    """The loader's progress bar and cancel button: progress(done, total) after each tensor of the file
+    (scales are not tensors of the file); what it raises (ComfyUI's interrupt) propagates out of the load."""
+    w = _weights()
+    path = _write(tmp_path / "bf16.safetensors", {f"{k}.weight": v for k, v in w.items()} | _extras())
+    seen = []
+    quantize_file(path, CFG, progress=lambda done, total: seen.append((done, total)))
+    total = len(w) + len(_extras())
+    assert seen == [(i, total) for i in range(1, total + 1)]
+
+    class Cancelled(Exception):
+        pass
+
+    def cancel_at_two(done, total):
+        if done == 2:
+            raise Cancelled
+
+    with pytest.raises(Cancelled):
+        quantize_file(path, CFG, progress=cancel_at_two)
+
+
 def test_iter_quantized_is_lazy_and_yields_the_same_state_dict(tmp_path):
     w = _weights()
     path = _write(tmp_path / "bf16.safetensors", {f"{k}.weight": v for k, v in w.items()} | _extras())
