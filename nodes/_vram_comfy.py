@@ -222,7 +222,7 @@ class Placements:
         self.session.settings = dataclasses.replace(old, budget_bytes=budget)
         streamer = self.session.streamer
         if streamer is not None and streamer.plan.budget_bytes != budget:
-            self.session.detach("VRAMGuard re-plans the resident set")
+            self.session.park("VRAMGuard re-plans the resident set")
         return {"session": self.session, "settings": old}
 
     def reserve_for_cap(self, cap: int | None, images_per_run: int | None = None) -> int:

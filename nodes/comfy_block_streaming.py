@@ -209,11 +209,15 @@ class BlockStreamingSession:
         # Clones share this session; only the patcher the streamer serves may release it (another clone
         # being unloaded or garbage-collected must not pull the blocks from under a running one).
         if self.attached_for is not None and self.attached_for() in (patcher, None):
-            # Unpinned (nothing page-locked stays behind an unloaded model), but kept: the packed buffers
-            # are the blocks' host weights anyway, and the next attach re-pins them instead of packing.
-            hosts = self.detach("model unloaded", keep_hosts=True, unpin_kept=True)
-            if hosts:
-                PARKED_HOSTS[self.blocks[0]] = hosts
+            self.park("model unloaded")
+
+    def park(self, why: str) -> None:
+        """Release the streamer, keeping its packed host buffers for the next attach of these blocks: unpinned
+        (nothing page-locked stays behind), but the packing is not redone (they are the blocks' host
+        weights anyway; the next attach only re-pins them)."""
+        hosts = self.detach(why, keep_hosts=True, unpin_kept=True)
+        if hosts:
+            PARKED_HOSTS[self.blocks[0]] = hosts
 
     def clear_weight_patches(self) -> None:
         for m in self.block_modules():

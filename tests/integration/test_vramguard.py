@@ -484,7 +484,7 @@ def test_placements_mirror_comfys_partial_loading_and_its_reserve(pack, monkeypa
 def test_placements_of_a_streamed_model_follow_the_offload_planner(pack):
     blocks = [torch.nn.Linear(256, 256) for _ in range(8)]            # 8 x 257 KiB
     settings = pack.streaming.StreamingSettings(0, 0, 0, False)
-    session = types.SimpleNamespace(blocks=blocks, settings=settings, streamer=None, detach=lambda why: None)
+    session = types.SimpleNamespace(blocks=blocks, settings=settings, streamer=None, park=lambda why: None)
     patcher = FakeFluxPatcher(weight_bytes=4 * MiB, session=session, act_per_image=MiB)
     pl = pack.vc.Placements(patcher, (1, 16, 8, 8), 1, card_bytes=GiB)
     assert pl.kind == "streamed" and pl.non_block_bytes == 4 * MiB   # the blocks are not in the module tree here
@@ -503,7 +503,7 @@ def test_placements_plan_each_budget_once(pack, monkeypatch):
     """A decision asks for the same caps several times; each budget is planned once (Flux: 50-150 ms each)."""
     blocks = [torch.nn.Linear(256, 256) for _ in range(8)]
     settings = pack.streaming.StreamingSettings(0, 0, 0, False)
-    session = types.SimpleNamespace(blocks=blocks, settings=settings, streamer=None, detach=lambda why: None)
+    session = types.SimpleNamespace(blocks=blocks, settings=settings, streamer=None, park=lambda why: None)
     pl = pack.vc.Placements(FakeFluxPatcher(weight_bytes=4 * MiB, session=session, act_per_image=MiB),
                             (1, 16, 8, 8), 1, card_bytes=GiB)
     calls = []
