@@ -45,9 +45,8 @@ def patch_for(module: torch.nn.Module, attr: str, key: str, patches: dict) -> Fu
     """The patch of `module.<attr>` (state-dict key `key`), or None when the patcher has none for it."""
     if key not in patches:
         return None
-    if attr != "weight":
-        return FullLoadPatch(key, patches)
-    return FullLoadPatch(key, patches, getattr(module, "convert_weight", None), getattr(module, "set_weight", None))
+    # As ComfyUI's get_key_weight finds them: the layer's convert_<attr> and set_<attr>, where it has them.
+    return FullLoadPatch(key, patches, getattr(module, f"convert_{attr}", None), getattr(module, f"set_{attr}", None))
 
 
 class ResidentPatches:
