@@ -55,8 +55,10 @@ class Float8DiTLoader:
             "high_precision_layers": ("STRING", {"default": "auto", "tooltip": "Layers kept in bf16: 'auto' (the "
                                       "family's embedders, norms, final layer...), or comma-separated regular "
                                       "expressions of layer names; 'auto, <regex>' adds to the default."}),
-            "save_quantized_copy": ("BOOLEAN", {"default": False, "tooltip": "Also write the fp8 model next to "
-                                    "your diffusion models, for faster loads next time (pick that file then)."}),
+            "save_quantized_copy": ("BOOLEAN", {"default": False, "tooltip": "Keep the fp8 model as a file next "
+                                    "to your diffusion models (<name>.lowvram-<format>-<scales>.safetensors): "
+                                    "written on the first load, loaded instead of quantizing on later ones "
+                                    "while the source file and these settings are unchanged."}),
         }}
 
     def load(self, model_name, fp8_format, scale_granularity, compute, high_precision_layers, save_quantized_copy):

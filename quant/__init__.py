@@ -14,7 +14,7 @@ from .formats import (
 from .layouts import LAYOUTS, Layout
 from .linear import Fp8Linear, KeepFilter, quantize_linear_
 from .matmul import fp8_linear, fp8_matmul_supported, resolve_compute
-from .saved_format import FORMAT_VERSION, load_saved, save_atomic, save_quantized, source_fingerprint
+from .saved_format import FORMAT_VERSION, load_saved, save_atomic, save_quantized, saved_source, source_fingerprint
 from .scales import amax, dequantize, quantize, quantize_weight, scale_from_amax, sqnr_db
 from .stream import QuantizedFile, iter_quantized, quantize_file
 
@@ -25,5 +25,5 @@ __all__ = [
     "SavedFormatVersionError", "UnsupportedQuantFormatError", "amax", "dequantize", "format_of_dtype",
     "fp8_format", "fp8_linear", "fp8_matmul_supported", "iter_quantized", "load_saved", "quantize",
     "quantize_file", "quantize_linear_", "quantize_weight", "resolve_compute", "save_atomic",
-    "save_quantized", "scale_from_amax", "source_fingerprint", "sqnr_db",
+    "save_quantized", "saved_source", "scale_from_amax", "source_fingerprint", "sqnr_db",
 ]

@@ -58,6 +58,18 @@ def check_metadata(metadata: Mapping[str, str] | None, path: str) -> QuantConfig
     return QuantConfig.from_json(metadata.get(CONFIG_KEY, "{}"), source=path)
 
 
+def saved_source(path: str) -> str | None:
+    """The `source` string recorded in one of our files (None: missing, unreadable, not ours or of another
+    format version): what a cache compares with the source it would be made from now."""
+    try:
+        with open_safetensors(path) as f:
+            metadata = dict(f.metadata() or {})
+        check_metadata(metadata, path)
+    except (OSError, QuantFileError):
+        return None
+    return metadata.get(SOURCE_KEY)
+
+
 def load_saved(path: str) -> tuple[dict[str, torch.Tensor], QuantConfig, dict[str, str]]:
     """(state_dict, config, metadata) of one of our files, tensor by tensor from the memory map."""
     with open_safetensors(path) as f:

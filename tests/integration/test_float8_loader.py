@@ -125,6 +125,36 @@ def test_saved_copy_reloads_identically(pack, flux_path, tmp_path):
     assert torch.equal(a.weight_scale, b.weight_scale)
 
 
+def test_a_current_saved_copy_is_loaded_instead_of_quantizing_again(pack, flux_path, tmp_path):
+    """save_quantized_copy: the first load writes the copy, later ones load it while the source file and the
+    settings that shaped it are unchanged; a changed source or setting makes a new copy."""
+    import os
+    import shutil
+
+    from lowvram_kit.quant import QuantConfig
+
+    src = tmp_path / "flux1-dev.safetensors"
+    shutil.copyfile(flux_path, src)
+    copy = str(tmp_path / "flux1-dev.lowvram-e4m3fn-per_channel.safetensors")
+    cfg = pack.Fp8LoadConfig(QuantConfig(), save_copy_to=copy)
+    first, made = pack.load_fp8_model(str(src), cfg)
+    assert made.saved_copy == copy and made.reused_copy is None and made.quantized_layers > 0
+    again, reused = pack.load_fp8_model(str(src), cfg)
+    assert reused.reused_copy == copy and reused.saved_copy is None and reused.quantized_layers == 0
+    assert "which is current" in reused.text()
+    a = first.model.diffusion_model.double_blocks[0].img_mlp[0]
+    b = again.model.diffusion_model.double_blocks[0].img_mlp[0]
+    assert torch.equal(a.weight.view(torch.uint8), b.weight.view(torch.uint8)) and torch.equal(a.weight_scale,
+                                                                                                 b.weight_scale)
+    other = pack.Fp8LoadConfig(QuantConfig(), high_precision_layers="auto, img_mlp", save_copy_to=copy)
+    assert pack.load_fp8_model(str(src), other)[1].reused_copy is None   # another setting: made anew
+    assert pack.load_fp8_model(str(src), other)[1].reused_copy == copy
+    st = os.stat(src)
+    os.utime(src, ns=(st.st_atime_ns, st.st_mtime_ns + 10**9))             # the source changed
+    changed = pack.load_fp8_model(str(src), other)[1]
+    assert changed.reused_copy is None and changed.saved_copy == copy
+
+
 def test_loading_shows_progress_and_a_cancel_stops_it_leaving_no_file(pack, flux_path, tmp_path, monkeypatch):
     """The quantizing load moves ComfyUI's progress bar tensor by tensor, and the cancel button stops it
     between two tensors: ComfyUI's InterruptProcessingException, and no saved copy, not even a partial one."""
