@@ -110,7 +110,7 @@ def load_fp8_model(path: str, cfg: Fp8LoadConfig):
     t0 = time.perf_counter()
     if cfg.save_copy_to and saved_source(cfg.save_copy_to) == copy_source(path, cfg):
         # save_quantized_copy on, and the copy was made from this very file with these settings: load it
-        # (about a quarter of the time, bench/results/float8_flux_*T1017) instead of quantizing again.
+        # (Flux-dev on an H200: 0.13 s instead of 1.17 s, bench/results/float8_flux_*T1017) instead of quantizing.
         model, report = load_fp8_model(cfg.save_copy_to, dataclasses.replace(cfg, save_copy_to=None))
         report = dataclasses.replace(report, reused_copy=cfg.save_copy_to, seconds=time.perf_counter() - t0)
         log.info("LowVRAM Kit Float8DiTLoader: %s", report.text())
