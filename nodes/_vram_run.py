@@ -54,6 +54,9 @@ class PendingRun:
     def note(self, event: dict) -> None:
         pass    # no report of its own (a sampling adopts only its monitor), and it never asks for tiles
 
+    def timing(self, what: str, seconds: float, **details) -> None:
+        pass    # likewise: timings belong to a guarded sampling's report
+
     def discard(self) -> None:
         self.timer.cancel()
         registry.deactivate(self)

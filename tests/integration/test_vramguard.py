@@ -383,6 +383,18 @@ def test_the_timeline_starts_with_the_prompt(pack, flux_small, monkeypatch, comf
     assert not pack.run._pending
 
 
+def test_a_streamed_model_sampled_outside_the_guard_while_its_watch_is_pending(pack, flux_small, comfy_cleanup):
+    """A prompt with a guard node starts a watch (PendingRun) before any sampling; a streamed model sampled by
+    another sampler meanwhile reports its attach timings to whatever is active: nothing may fail."""
+    pack.node.VRAMGuard.IS_CHANGED(report=True, unique_id="77")
+    try:
+        assert isinstance(pack.registry.active(), pack.run.PendingRun)
+        streamed, _ = pack.streaming.stream_blocks(flux_small, pack.streaming.StreamingSettings(GiB, 0, 0, False))
+        assert torch.equal(sample(streamed, 1), sample(flux_small, 1))
+    finally:
+        pack.run._pending.pop("77").discard()
+
+
 def test_an_unadopted_timeline_stops_at_the_next_prompt_or_after_a_while(pack, monkeypatch):
     node = pack.node.VRAMGuard
     node.IS_CHANGED(report=True, unique_id="9")
