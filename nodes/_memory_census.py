@@ -37,6 +37,16 @@ def _module_owners() -> dict[int, str]:
     return owners
 
 
+def _storage_key(t: torch.Tensor) -> tuple[int, int]:
+    """(what identifies its memory, its bytes): the storage for plain tensors (views share it), the tensor
+    itself for subclasses without a plain storage."""
+    try:
+        storage = t.untyped_storage()
+        return storage.data_ptr(), storage.nbytes()
+    except (RuntimeError, NotImplementedError, TypeError):
+        return id(t), t.numel() * t.element_size()
+
+
 def _referrer_types(t: torch.Tensor, scanned: list, limit: int = 3) -> str:
     """What refers to a tensor that no module owns: 'dict, list' (the census' own list and frames left out)."""
     names = {type(r).__name__ for r in gc.get_referrers(t) if r is not scanned and not isinstance(r, FrameType)}
@@ -55,20 +65,23 @@ def tensor_census(device: str | torch.device, top: int = 10) -> dict:
     try:
         storages: set[int] = set()
         groups: dict[tuple[str, str, tuple[int, ...]], list[int]] = defaultdict(lambda: [0, 0])
-        total = count = 0
+        total = count = unreadable = 0
         for obj in objects:
-            if not issubclass(type(obj), torch.Tensor) or not _device_matches(obj, device):
+            if not issubclass(type(obj), torch.Tensor):
                 continue
             try:
-                storage = obj.untyped_storage()
-                key, nbytes = storage.data_ptr(), storage.nbytes()
-            except (RuntimeError, NotImplementedError):  # tensor subclasses without a plain storage
-                key, nbytes = id(obj), obj.numel() * obj.element_size()
+                if not _device_matches(obj, device):
+                    continue
+                key, nbytes = _storage_key(obj)
+                shape, dtype = tuple(obj.shape), str(obj.dtype).replace("torch.", "")
+            except Exception:  # noqa: BLE001  (a tensor subclass that answers oddly must not stop the census)
+                unreadable += 1
+                continue
             if key in storages or nbytes == 0:
                 continue
             storages.add(key)
             owner = owners.get(id(obj)) or _referrer_types(obj, objects)
-            g = groups[(owner, str(obj.dtype).replace("torch.", ""), tuple(obj.shape))]
+            g = groups[(owner, dtype, shape)]
             g[0] += 1
             g[1] += nbytes
             total += nbytes
@@ -80,6 +93,7 @@ def tensor_census(device: str | torch.device, top: int = 10) -> dict:
         "device": str(device),
         "bytes": total,
         "tensors": count,
+        "unreadable_tensors": unreadable,
         "top": [{"owner": o, "dtype": d, "shape": list(s), "count": c, "bytes": b} for (o, d, s), (c, b) in ranked],
     }
 

@@ -60,6 +60,10 @@ def register() -> bool:
         except ValueError:
             return web.json_response({"error": f"top must be an integer from 1 to {MAX_TOP}, "
                                                f"got {request.query.get('top')!r}"}, status=400)
-        return web.json_response(memory_report(top))
+        try:
+            return web.json_response(memory_report(top))
+        except Exception as e:  # noqa: BLE001  (a diagnostic answers with its error; the server goes on)
+            log.exception("LowVRAM Kit: /lowvram/memory failed")
+            return web.json_response({"error": f"{type(e).__name__}: {e}"}, status=500)
 
     return True
