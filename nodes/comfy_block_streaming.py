@@ -8,7 +8,8 @@ How the two never manage the same weights, using ComfyUI's own patcher mechanism
   model (embedders, final layer) and never sees a block weight.
 - An APPLY_MODEL wrapper attaches the block streamer (offload.offload_blocks) on the first call after a
   load, on the device of the input, within the budget (the first time for a latent shape, it times that
-  step's blocks and plans again with the times; later loads plan with the remembered times at once): resident groups go to the GPU once, the rest are
+  step's blocks and plans again with the times; later loads, after a server restart too, plan with the
+  times remembered in <user folder>/lowvram_kit/block_times.json at once): resident groups go to the GPU once, the rest are
   packed into pinned host buffers and prefetched on a side stream by forward hooks on the blocks. It adds
   the streamer's device bytes to the model's loaded-weight count, so ComfyUI frees and plans knowing them.
 - LoRA and other weight patches of block weights are computed with the math of ComfyUI's whole-model
@@ -29,6 +30,7 @@ from __future__ import annotations
 import functools
 import logging
 import math
+import os
 import time
 import weakref
 from dataclasses import dataclass
@@ -44,6 +46,7 @@ from ..offload.api import plan_for
 from ..offload.config import fmt_bytes
 from ..offload.packing import block_nbytes
 from . import _vram_registry as guard
+from ._block_times import BlockTimes, times_key
 from ._vram_comfy import uses_cfg
 from ._weight_patches import FullLoadPatch, ResidentPatches, patch_for
 from .model_families import family_of_model
@@ -133,6 +136,7 @@ class BlockStreamingSession:
         # step after the first load. A later load (after ComfyUI unloaded the model) plans with them at once
         # instead of timing a step and packing and pinning everything a second time.
         self.block_seconds: dict[tuple[str, tuple[int, ...]], list[float]] = {}
+        self.times_store = BlockTimes(block_times_path())   # the same, across server starts
         self.timed_devices = ("cuda",)  # where CUDA events can time blocks (tests add "cpu" with fake events)
         self.new_event = None  # BlockTimer's event factory; None = torch.cuda.Event
 
@@ -265,9 +269,12 @@ class BlockStreamingSession:
         # patches are the ones to apply. ComfyUI sets BaseModel.current_patcher before sampling.
         patcher = getattr(executor.class_obj, "current_patcher", None) or self.patcher
         shape_key = (str(x.device), tuple(x.shape))
+        timed_here = x.device.type in self.timed_devices
         known = self.block_seconds.get(shape_key)
+        if known is None and timed_here:
+            known = self.block_seconds[shape_key] = self.times_store.get(self.times_key(x))
         self.attach(patcher, x.device, x.shape, seconds_per_block=known)
-        if known is not None or x.device.type not in self.timed_devices:
+        if known is not None or not timed_here:
             return executor(x, *args, **kwargs)
         # First step after the first load: time every block's compute, then plan again knowing it. Without
         # compute times the planner assumes transfers dominate and keeps a resident prefix; with them it
@@ -280,8 +287,15 @@ class BlockStreamingSession:
                      blocks_compute_s=None if seconds is None else round(sum(seconds), 4))
         if seconds is not None:
             self.block_seconds[shape_key] = seconds
+            self.times_store.put(self.times_key(x), seconds)
         self.replan(patcher, x, seconds)
         return out
+
+    def times_key(self, x) -> str:
+        """This model's blocks, this GPU and this latent shape, as the block-time file names them."""
+        device = x.device
+        name = torch.cuda.get_device_name(device) if device.type == "cuda" else device.type
+        return times_key(self.family.name, block_nbytes(self.blocks), name, tuple(x.shape))
 
     def replan(self, patcher, x, seconds_per_block) -> None:
         if seconds_per_block is None or self.streamer is None:
@@ -360,6 +374,15 @@ class BlockStreamingSession:
             f"{list(shape)} ({batch}): {low.describe()}. Nothing was run. The smallest budget that works is "
             f"{low.budget_bytes} bytes ({low.budget_bytes / GiB:.2f} GiB); to run, {'; or '.join(fixes)}.{note}"
         )
+
+
+def block_times_path() -> str | None:
+    """<ComfyUI user folder>/lowvram_kit/block_times.json (None where ComfyUI has no user folder)."""
+    try:
+        import folder_paths
+    except ImportError:
+        return None
+    return os.path.join(folder_paths.get_user_directory(), "lowvram_kit", "block_times.json")
 
 
 class BlockTimer:

@@ -210,15 +210,24 @@ class FakeEvent:
         return 1.0
 
 
-def test_block_times_are_measured_once_per_latent_shape(pack, flux, comfy_cleanup, monkeypatch):
+def timed_on_cpu(pack, session, store_path):
+    """Time blocks on the CPU with fake events, remembering them in `store_path` (not the user folder)."""
+    from lowvram_kit.nodes._block_times import BlockTimes
+
+    session.timed_devices, session.new_event = ("cpu",), FakeEvent
+    session.times_store = BlockTimes(store_path)
+
+
+def test_block_times_are_measured_once_per_latent_shape(pack, flux, comfy_cleanup, monkeypatch, tmp_path):
     """The first step after the first load is timed and the plan remade with the times; a later load
     (ComfyUI unloaded the model in between) plans with them at once: one attach, no timing pass, no
-    second packing. Another latent shape is timed anew."""
+    second packing. Another latent shape is timed anew. After a restart (a new session, the same file)
+    the first load plans with the remembered times too."""
     import comfy.model_management as mm
 
     clone, session, _ = streamed(pack, flux, 0)
     session.settings = pack.streaming.StreamingSettings(floor_bytes(pack, session, flux, 2), 0, 0, False)
-    session.timed_devices, session.new_event = ("cpu",), FakeEvent
+    timed_on_cpu(pack, session, tmp_path / "block_times.json")
     calls = []
     real = pack.streaming.offload_blocks
 
@@ -239,3 +248,11 @@ def test_block_times_are_measured_once_per_latent_shape(pack, flux, comfy_cleanu
     mm.unload_all_models()
     run(clone, cfg=3.0)  # cond and uncond in one call: [2, 16, 8, 8], a shape not timed yet
     assert set(session.block_seconds) == {("cpu", (1, 16, SIDE, SIDE)), ("cpu", (2, 16, SIDE, SIDE))}
+    mm.unload_all_models()
+
+    restarted, fresh, _ = streamed(pack, flux, 0)   # as after a server restart: nothing in memory
+    fresh.settings = session.settings
+    timed_on_cpu(pack, fresh, tmp_path / "block_times.json")
+    calls.clear()
+    assert torch.equal(run(restarted, cfg=1.0), out)
+    assert calls == [seconds], "the first load after a restart timed again"

@@ -1,0 +1,76 @@
+"""Block compute times remembered across server starts (plain Python, no ComfyUI import).
+
+ChunkedOffloadUNet times each block in the first step after its first load and plans again with the
+times, which costs a second attach (packing and pinning what moved). The times depend only on the model,
+the latent shape and the GPU, so they are kept in one small JSON file (ComfyUI's user folder): after a
+restart the first load plans with them at once.
+
+    store = BlockTimes(path)
+    key = times_key("flux", block_bytes, "NVIDIA H200", (1, 16, 128, 128))
+    store.get(key)            # None, or [seconds per block]
+    store.put(key, seconds)   # written atomically; a damaged or foreign file is replaced, never trusted
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import tempfile
+import threading
+
+log = logging.getLogger("lowvram")
+FILE_VERSION = 1
+MAX_ENTRIES = 64   # oldest dropped first: a handful of models x resolutions per machine
+
+
+def times_key(family: str, block_bytes: list[int], device_name: str, shape: tuple[int, ...]) -> str:
+    """One model (its family and the bytes of each block), one GPU, one latent shape of a model call."""
+    blocks = hashlib.sha1(json.dumps(list(block_bytes)).encode()).hexdigest()[:16]
+    return f"{family}|{blocks}|{device_name}|{'x'.join(str(int(d)) for d in shape)}"
+
+
+class BlockTimes:
+    def __init__(self, path: str | os.PathLike | None):
+        self.path = None if path is None else os.fspath(path)
+        self._lock = threading.Lock()
+
+    def _read(self) -> dict:
+        if self.path is None or not os.path.exists(self.path):
+            return {}
+        try:
+            with open(self.path, encoding="utf-8") as f:
+                data = json.load(f)
+            if data.get("version") == FILE_VERSION and isinstance(data.get("times"), dict):
+                return data["times"]
+        except (OSError, ValueError, AttributeError) as e:
+            log.warning("LowVRAM Kit: ignoring the block-time file %s (%s); it will be rewritten", self.path, e)
+        return {}
+
+    def get(self, key: str) -> list[float] | None:
+        with self._lock:
+            found = self._read().get(key)
+        if isinstance(found, list) and found and all(isinstance(s, (int, float)) and s >= 0 for s in found):
+            return [float(s) for s in found]
+        return None
+
+    def put(self, key: str, seconds: list[float]) -> None:
+        if self.path is None:
+            return
+        with self._lock:
+            times = self._read()
+            times.pop(key, None)
+            times[key] = [round(float(s), 7) for s in seconds]
+            while len(times) > MAX_ENTRIES:
+                times.pop(next(iter(times)))
+            folder, tmp = os.path.dirname(self.path) or ".", None
+            try:
+                os.makedirs(folder, exist_ok=True)
+                fd, tmp = tempfile.mkstemp(prefix=".block_times.", dir=folder)
+                with os.fdopen(fd, "w", encoding="utf-8") as f:
+                    json.dump({"version": FILE_VERSION, "times": times}, f)
+                os.replace(tmp, self.path)
+            except OSError as e:   # a read-only user folder only costs the timing pass after a restart
+                log.warning("LowVRAM Kit: could not save block times to %s (%s)", self.path, e)
+                if tmp is not None and os.path.exists(tmp):
+                    os.unlink(tmp)
