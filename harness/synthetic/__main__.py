@@ -84,8 +84,8 @@ def cmd_disk(args) -> int:
 
     A test run that runs out of disk half way fails dozens of tests with ENOSPC in the middle of a write;
     this says instead what is needed and where. Scratch space is for what tests write under the temporary
-    directory (quantized copies, LoRAs, 1 + 5 block Flux files: 5.5 GB left under pytest's basetemp by a
-    full run of this session's suite)."""
+    directory (quantized copies, LoRAs, 1 + 5 block Flux files: 5.5 GB were under pytest's basetemp after
+    a full run, which keeps its last three runs' folders)."""
     models_dir = Path(args.models_dir or default_models_dir(args.size))
     missing = [n for n in REGISTRY if not (model_path(n, args.size, models_dir).exists()
                                            and is_current(model_path(n, args.size, models_dir), n, args.size, args.seed))]
