@@ -9,8 +9,8 @@ How the two never manage the same weights, using ComfyUI's own patcher mechanism
 - An APPLY_MODEL wrapper attaches the block streamer (offload.offload_blocks) on the first call after a
   load, on the device of the input, within the budget (the first time for a latent shape, it times that
   step's blocks and plans again with the times; later loads, after a server restart too, plan with the
-  times remembered in <user folder>/lowvram_kit/block_times.json at once): resident groups go to the GPU once, the rest are
-  packed into pinned host buffers and prefetched on a side stream by forward hooks on the blocks. It adds
+  times kept in <user folder>/lowvram_kit/block_times.json at once): resident groups go to the GPU once,
+  the rest are packed into pinned host buffers and prefetched on a side stream by forward hooks on the blocks. It adds
   the streamer's device bytes to the model's loaded-weight count, so ComfyUI frees and plans knowing them.
 - LoRA and other weight patches of block weights are computed with the math of ComfyUI's whole-model
   load (_weight_patches): merged once into the device copy of resident blocks when the streamer puts
@@ -139,6 +139,11 @@ class BlockStreamingSession:
         self.times_store = BlockTimes(block_times_path())   # the same, across server starts
         self.timed_devices = ("cuda",)  # where CUDA events can time blocks (tests add "cpu" with fake events)
         self.new_event = None  # BlockTimer's event factory; None = torch.cuda.Event
+
+    @functools.cached_property
+    def block_bytes(self) -> list[int]:
+        """Packed bytes per unit, measured once when first needed (fixed for the session's blocks)."""
+        return block_nbytes(self.blocks)
 
     def install(self) -> None:
         for name, container in self.lists.items():
@@ -295,13 +300,13 @@ class BlockStreamingSession:
         """This model's blocks, this GPU and this latent shape, as the block-time file names them."""
         device = x.device
         name = torch.cuda.get_device_name(device) if device.type == "cuda" else device.type
-        return times_key(self.family.name, block_nbytes(self.blocks), name, tuple(x.shape))
+        return times_key(self.family.name, self.block_bytes, name, tuple(x.shape))
 
     def replan(self, patcher, x, seconds_per_block) -> None:
         if seconds_per_block is None or self.streamer is None:
             return
         old = self.streamer.plan
-        new = plan_for(self.config, block_nbytes(self.blocks), self.activation_bytes, seconds_per_block)
+        new = plan_for(self.config, self.block_bytes, self.activation_bytes, seconds_per_block)
         if (new.groups, new.resident, new.prefetch) == (old.groups, old.resident, old.prefetch):
             return
         # The groups that stay streamed keep their packed, pinned host buffers: only what changed is redone.
@@ -338,7 +343,7 @@ class BlockStreamingSession:
         call sees 2 x the latent batch: [2B, C, H, W]; the first step's plan is made for that shape."""
         shape = [noise_shape[0] * (2 if self.cfg_doubles else 1), *noise_shape[1:]]
         s = self.settings
-        low = floor(block_nbytes(self.blocks), activation_bytes(patcher.model, shape), chunk_size=s.chunk_size,
+        low = floor(self.block_bytes, activation_bytes(patcher.model, shape), chunk_size=s.chunk_size,
                     prefetch=s.prefetch, margin_bytes=DEFAULT_MARGIN_BYTES)
         return low, shape
 

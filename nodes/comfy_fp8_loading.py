@@ -112,9 +112,9 @@ def load_fp8_model(path: str, cfg: Fp8LoadConfig):
         # save_quantized_copy on, and the copy was made from this very file with these settings: load it
         # (Flux-dev on an H200: 0.13 s instead of 1.17 s, bench/results/float8_flux_*T1017) instead of quantizing.
         model, report = load_fp8_model(cfg.save_copy_to, dataclasses.replace(cfg, save_copy_to=None))
-        report = dataclasses.replace(report, reused_copy=cfg.save_copy_to, seconds=time.perf_counter() - t0)
-        log.info("LowVRAM Kit Float8DiTLoader: %s", report.text())
-        return model, report
+        log.info("LowVRAM Kit Float8DiTLoader: %s is current for %s; loaded it instead of quantizing again",
+                 cfg.save_copy_to, os.path.basename(path))   # the copy's own load logged its report
+        return model, dataclasses.replace(report, reused_copy=cfg.save_copy_to, seconds=time.perf_counter() - t0)
     family, prefix = inspect_file(path)
     patterns = parse_layer_patterns(cfg.high_precision_layers, family)
     qf = _quantize_file(path, cfg.quant, keep_filter(patterns), prefix)
