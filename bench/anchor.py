@@ -37,6 +37,7 @@ class Mode:
     weight_dtype: str            # UNETLoader's weight_dtype widget value
     comfy_argv: tuple[str, ...]  # ComfyUI server flags in effect for this mode
     what: str
+    torch_compile: bool = False  # wrap the model as ComfyUI's TorchCompileModel node does (inductor)
 
 
 MODES = {m.name: m for m in (
@@ -103,6 +104,7 @@ def run_mode(mode: Mode, model: Path, budgets: str, rows_file: Path, a, comfyui_
            "--width", str(a.width), "--height", str(a.height), "--steps", str(a.steps),
            "--txt-tokens", str(a.txt_tokens)]
     cmd += ["--noise-check"] if a.noise_check else []
+    cmd += ["--torch-compile"] if mode.torch_compile else []
     cmd += [*extra, "--", *mode.comfy_argv, *(["--cpu"] if a.smoke else [])]
     print(f"[bench] mode {mode.name}: {mode.what}\n[bench] " + " ".join(cmd), flush=True)
     env = {**os.environ, "COMFYUI_PATH": comfyui_path, "PYTHONUNBUFFERED": "1"}

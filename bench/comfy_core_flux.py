@@ -149,6 +149,21 @@ def sample_once(model, w: Workload, inputs, budget_gib, device, mm, comfy_sample
     return row
 
 
+def with_torch_compile(model):
+    """A clone of the ModelPatcher compiled the way ComfyUI's TorchCompileModel node does it (inductor,
+    the whole diffusion model, applied at sampling time through an APPLY_MODEL wrapper)."""
+    from comfy_api.torch_helpers import set_torch_compile_wrapper
+    compiled = model.clone()
+    set_torch_compile_wrapper(model=compiled, backend="inductor")
+    return compiled
+
+
+def graph_breaks() -> dict:
+    """torch._dynamo's graph-break reasons so far in this process (reason -> count): 0 is the goal."""
+    from torch._dynamo.utils import counters
+    return {str(k)[:200]: v for k, v in counters.get("graph_break", {}).items()}
+
+
 def error_row(budget_gib, e: Exception) -> dict:
     """The row of a measurement that raised: recorded, so the rows after it still run (one GPU call)."""
     return {"budget_gib": budget_gib, "budget": budget_label(budget_gib), "s_per_it": None,
@@ -164,13 +179,15 @@ def measure_mode(mode: str, weight_dtype: str, a, w: Workload, comfy, emit) -> i
         t0 = time.perf_counter()
         (model,) = nodes.UNETLoader().load_unet(model_path.name, weight_dtype)
         load_s = time.perf_counter() - t0
+        if a.torch_compile:
+            model = with_torch_compile(model)
     except Exception as e:  # noqa: BLE001  (the next mode may load: record, go on)
         for budget in budgets:
             emit({**error_row(budget, e), "kind": "row", "mode": mode, "weight_dtype": weight_dtype})
         return len(budgets)
     env = {"kind": "env", "mode": mode, **device_environment(device), "comfy_argv": comfy_argv,
            "comfy_fast": sorted(f.value for f in comfy_args.fast), "weight_dtype": weight_dtype,
-           "vram_state": mm.vram_state.name, "linear_class": linear_class(model), "load_s": load_s,
+           "vram_state": mm.vram_state.name, "torch_compile": a.torch_compile, "linear_class": linear_class(model), "load_s": load_s,
            "workload": asdict(w), "model": str(model_path), "model_file_bytes": model_path.stat().st_size}
     emit(env)
     print(f"[bench] {mode}: loaded {model_path.name} as {weight_dtype} in {load_s:.1f} s "
@@ -188,6 +205,8 @@ def measure_mode(mode: str, weight_dtype: str, a, w: Workload, comfy, emit) -> i
             failed += 1
         row.update(kind="row", mode=mode, weight_dtype=weight_dtype, comfy_argv=comfy_argv, load_s=load_s,
                    repeat=i >= len(budgets))
+        if a.torch_compile:
+            row["graph_breaks"] = graph_breaks()
         emit(row)
         print(f"[bench] {mode} budget={row['budget']:>9}: s/it={fmt(row['s_per_it'], 4)} "
               f"first={fmt(row.get('first_step_s'), 2)}s peak={fmt(row.get('peak_gib'), 2)} GiB "
@@ -215,6 +234,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--rows-out", required=True, help="JSON-lines file to append results to")
     ap.add_argument("--noise-check", action="store_true", help="measure the first budget again at the end")
     ap.add_argument("--latent-out", default=None, help="folder for each row's output latent (<mode>_<budget>.pt)")
+    ap.add_argument("--torch-compile", action="store_true", help="compile the diffusion model as ComfyUI's "
+                    "TorchCompileModel node does (inductor; the first step of each row includes compiling)")
     fields = ("width", "height", "steps", "txt_tokens", "seed")
     for f in fields:
         ap.add_argument("--" + f.replace("_", "-"), type=int, default=None, help="default: the family's")

@@ -38,6 +38,11 @@ from .table import format_table
 
 BENCHMARK = "float8_flux"
 COMFY = {f"comfy_{m.name}": replace(m, name=f"comfy_{m.name}") for m in MODES.values()}
+# Not run by default (it compiles for a minute or two): ComfyUI's own TorchCompileModel on bf16, the fair
+# reference for ours with the same node ("torch_compile" extras).
+COMFY["comfy_bf16_compile"] = replace(MODES["bf16"], name="comfy_bf16_compile", torch_compile=True,
+                                      what="bf16 + ComfyUI's TorchCompileModel (inductor)")
+DEFAULT_COMFY_MODES = ",".join(f"comfy_{m}" for m in MODES)
 REFERENCE = "comfy_bf16"
 # Issue #3, "Done when" (speed part): ratios to resident bf16 ComfyUI in the same run, GiB, load ratios.
 CRITERIA = {"fp8_matmul_ratio_max": 0.76, "dequant_ratio_max": 1.10, "peak_gib_max": 12.5,
@@ -186,7 +191,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--out-dir", default=str(RESULTS_DIR), help="where the result JSON goes")
     ap.add_argument("--steps", type=int, default=None)
     ap.add_argument("--budget", type=float, default=12.0, help="GiB budget of the extra ours fp8 row (CUDA)")
-    ap.add_argument("--comfy-modes", default=",".join(COMFY), help=f"comma list of {', '.join(COMFY)}")
+    ap.add_argument("--comfy-modes", default=DEFAULT_COMFY_MODES, help=f"comma list of {', '.join(COMFY)}")
     ap.add_argument("--ours-modes", default=",".join(OURS), help=f"comma list of {', '.join(OURS)}")
     ap.add_argument("--extras", default="fast_accum,triton,triton_fast_accum,compiled",
                     help="matmul options tried last (bench.fp8_flux_ours.EXTRAS)")

@@ -37,7 +37,8 @@ from pathlib import Path
 import torch
 
 from .ballast import budget_label
-from .comfy_core_flux import FluxWorkload, import_comfy, linear_class, make_inputs, sample_once
+from .comfy_core_flux import (FluxWorkload, graph_breaks, import_comfy, linear_class, make_inputs, sample_once,
+                              with_torch_compile)
 from .results import device_environment
 from .table import fmt
 
@@ -59,7 +60,10 @@ OURS = {m.name: m for m in (
 )}
 # Process-wide fp8 GEMM options tried on the per-token model (quant.matmul.Fp8MatmulOptions fields).
 EXTRAS = {"fast_accum": {"fast_accum": True}, "triton": {"act_quant": "triton"},
-          "triton_fast_accum": {"act_quant": "triton", "fast_accum": True}, "compiled": {"act_quant": "compiled"}}
+          "triton_fast_accum": {"act_quant": "triton", "fast_accum": True}, "compiled": {"act_quant": "compiled"},
+          "torch_compile": {}, "torch_compile_fast_accum": {"fast_accum": True}}
+# Extras sampled through ComfyUI's TorchCompileModel wrapper (inductor fuses our activation quantization).
+TORCH_COMPILE_EXTRAS = ("torch_compile", "torch_compile_fast_accum")
 # Weights compared GPU path vs CPU path: the largest, a square one, a wide-input one.
 CHECK_WEIGHTS = ("single_blocks.0.linear1.weight", "double_blocks.0.img_attn.proj.weight",
                  "single_blocks.0.linear2.weight")
@@ -188,13 +192,21 @@ class Worker:
             dq.COPY_OUT_IN_THREAD = True
 
     def sample_with_options(self, model, mode: str, extra: str) -> None:
-        if extra == "compiled" and self.time_left() < self.a.compile_reserve_s:
+        compiles = extra == "compiled" or extra in TORCH_COMPILE_EXTRAS
+        if compiles and self.time_left() < self.a.compile_reserve_s:
             self.rec.emit({"kind": "skip", "what": f"{mode}+{extra}", "why": "too little time left before the deadline"})
             return
         options = self.qmatmul.Fp8MatmulOptions(**EXTRAS[extra])
         previous = self.qmatmul.set_fp8_matmul_options(options)
         try:
-            self.sample(model, f"{mode}+{extra}", options=asdict(options))
+            if extra in TORCH_COMPILE_EXTRAS:
+                row = self.sample(with_torch_compile(model), f"{mode}+{extra}", options=asdict(options))
+                row_breaks = graph_breaks()
+                self.rec.emit({"kind": "check", "what": "graph breaks under torch.compile", "extra": extra,
+                               "graph_breaks": row_breaks, "row_ok": row.get("s_per_it") is not None})
+                print(f"[ours] {extra}: graph breaks {row_breaks or 'none'}", flush=True)
+            else:
+                self.sample(model, f"{mode}+{extra}", options=asdict(options))
         finally:
             self.qmatmul.set_fp8_matmul_options(previous)
 

@@ -91,6 +91,8 @@ def plan_jobs(workflows: list[str], parts: set[str]) -> list[Job]:
             jobs.append(Job(w, "ours", (None,), "extra", label="NewBie resident bf16 pipeline, unconstrained"))
         if "extra" in parts and w == "newbie_12gb":
             jobs.append(Job(w, "ours", (6.0,), "extra", label="NewBie fp8 pipeline in 6 GiB (issue #7)"))
+            jobs.append(Job(w, "ours-nf4", (6.0,), "extra", label="NewBie pipeline, NF4 text encoders, in 6 GiB "
+                            "(issue #7; needs bitsandbytes)"))
     jobs.sort(key=lambda j: FAMILIES.index(j.family))
     return jobs
 
@@ -108,6 +110,10 @@ class Context:
 
 def graph_for(job: Job, ctx: Context) -> dict:
     api = ui_to_api(load_workflow(job.workflow), ctx.object_info)
+    if job.graph == "ours-nf4":   # the text encoders as NF4 (bitsandbytes), everything else as shipped
+        for node in api.values():
+            if node["class_type"] == "NewBieTextEncoderLoader":
+                node["inputs"]["weight_format"] = "nf4"
     if job.graph.startswith("core"):
         api = to_core(api)
         if job.graph == "core-bf16":

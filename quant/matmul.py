@@ -18,6 +18,8 @@ from .formats import ACT_SCALINGS, COMPUTE_MODES, FP8_FORMATS
 log = logging.getLogger("lowvram")
 
 _E4M3 = FP8_FORMATS["e4m3fn"]
+# Device types whose fp8 layers may run torch._scaled_mm; the one check left inside torch.compile.
+FP8_GEMM_DEVICE_TYPES = ("cuda",)
 _TINY = torch.finfo(torch.float32).tiny
 # Output dtypes the row-wise kernels produce; other requests compute in bf16 and cast at the end.
 _GEMM_OUT_DTYPES = (torch.bfloat16, torch.float16, torch.float32)
@@ -132,7 +134,9 @@ def linear_dequant(
     x: torch.Tensor, w_fp8: torch.Tensor, w_scale: torch.Tensor, bias: torch.Tensor | None, out_dtype: torch.dtype
 ) -> torch.Tensor:
     """F.linear in `out_dtype` with the weight dequantized just for this call ([out, in] temporary)."""
-    w = DEQUANTIZERS[_options.dequant]()(w_fp8, w_scale, out_dtype)
+    # Inside torch.compile: the PyTorch version, which inductor turns into one fused kernel by itself.
+    dequantize = dequantize_weight_eager if torch.compiler.is_compiling() else DEQUANTIZERS[_options.dequant]()
+    w = dequantize(w_fp8, w_scale, out_dtype)
     b = bias.to(out_dtype) if bias is not None else None
     return F.linear(x.to(out_dtype), w, b)
 
@@ -244,10 +248,14 @@ def scaled_mm_unsupported_reason(x: torch.Tensor, w_fp8: torch.Tensor, w_scale: 
     """
     n, k = w_fp8.shape
     rowwise = w_scale.numel() > 1 or act_scaling == "per_token"
+    # Under torch.compile the capability query (cached, CUDA runtime) would break the graph at every
+    # Linear; the load already resolved compute="fp8" for this device, so only the device type is checked.
+    supported = (x.device.type in FP8_GEMM_DEVICE_TYPES if torch.compiler.is_compiling()
+                 else fp8_matmul_supported(x.device))
     checks = (
         # ComfyUI may run a layer on the CPU (a text encoder it could not fit, lowvram): torch's CPU
         # _scaled_mm takes tensor-wise scales only, and has no fp8 units to win anything with.
-        (not fp8_matmul_supported(x.device), f"input on {x.device}, which has no fp8 GEMM"),
+        (not supported, f"input on {x.device}, which has no fp8 GEMM"),
         (w_fp8.dtype not in (f.dtype for f in FP8_FORMATS.values()), f"weight dtype {w_fp8.dtype} is not fp8"),
         (x.dtype not in _FLOAT_DTYPES, f"input dtype {x.dtype} is not bf16/fp16/fp32"),
         (k % 16 != 0 or n % 16 != 0, f"weight shape [{n}, {k}] is not divisible by 16"),
@@ -256,6 +264,15 @@ def scaled_mm_unsupported_reason(x: torch.Tensor, w_fp8: torch.Tensor, w_scale: 
         (rowwise and w_fp8.dtype != _E4M3.dtype, "row-wise scaling needs e4m3fn weights"),
     )
     return next((reason for failed, reason in checks if failed), None)
+
+
+def _act_quantizer() -> Callable[[torch.Tensor, str], tuple[torch.Tensor, torch.Tensor]]:
+    """The activation quantizer for this call. Inside torch.compile (ComfyUI's TorchCompileModel node on
+    our model) it is the plain PyTorch version: inductor fuses its amax, divide and cast with the ops that
+    produced x (norm, modulation), which no separate kernel can; a Triton launch would be opaque to it."""
+    if torch.compiler.is_compiling():
+        return quantize_activation
+    return ACT_QUANTIZERS[_options.act_quant]()
 
 
 @dataclass(frozen=True)
@@ -277,7 +294,7 @@ def prepare_scaled_mm(
 ) -> ScaledMMArgs:
     """Quantize the activation and lay out the operands the way `torch._scaled_mm` requires."""
     m, n = x2d.shape[0], w_fp8.shape[0]
-    a, scale_a = ACT_QUANTIZERS[_options.act_quant]()(x2d, act_scaling)
+    a, scale_a = _act_quantizer()(x2d, act_scaling)
     w_scale = w_scale.to(device=x2d.device, dtype=torch.float32)
     if w_scale.numel() == 1 and scale_a.numel() == 1 and act_scaling == "per_tensor":
         # Tensor-wise x tensor-wise: cuBLAS, any of bf16/fp16/fp32 out.
@@ -308,7 +325,8 @@ def linear_fp8(
     `fast_accum` None: the process-wide Fp8MatmulOptions.fast_accum."""
     reason = scaled_mm_unsupported_reason(x, w_fp8, w_scale, act_scaling)
     if reason is not None:
-        log.debug("fp8 matmul not usable for this call (%s); dequantizing", reason)
+        if not torch.compiler.is_compiling():   # a logging call would break a compiled graph
+            log.debug("fp8 matmul not usable for this call (%s); dequantizing", reason)
         return linear_dequant(x, w_fp8, w_scale, bias, out_dtype)
     x2d = x.reshape(-1, x.shape[-1])
     fast_accum = _options.fast_accum if fast_accum is None else fast_accum

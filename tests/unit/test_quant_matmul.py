@@ -290,3 +290,39 @@ def test_cpu_auto_is_dequant_silently_and_fp8_capable_gpu_gets_fp8(monkeypatch, 
     assert resolve_compute("dequant", "cuda:0") == "dequant"
     with pytest.raises(ValueError, match="auto, fp8, dequant"):
         resolve_compute("fast", "cpu")
+
+
+# ---------------------------------------------------------------------------------------------
+# torch.compile (ComfyUI's TorchCompileModel on our model): one graph per Linear, no break
+# ---------------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("mode", ["fp8", "dequant"])
+def test_fp8_linear_traces_into_one_graph_under_torch_compile(strict_mm, monkeypatch, mode):
+    # A graph break at each Linear would keep inductor from fusing the activation quantization with
+    # the norm/modulation before it: the whole reason to compile. fullgraph=True turns a break into an error.
+    monkeypatch.setattr(mm, "FP8_GEMM_DEVICE_TYPES", ("cuda", "cpu"))   # CPU tensors stand for CUDA ones
+    torch._dynamo.reset()
+    q, s = _weight(granularity="per_channel")
+    x = torch.randn(4, 9, 64).to(torch.bfloat16)
+    bias = torch.randn(48).to(torch.bfloat16)
+    compiled = torch.compile(lambda x: fp8_linear(x, q, s, bias, mode=mode), backend="eager", fullgraph=True)
+    got, want = compiled(x), fp8_linear(x, q, s, bias, mode=mode)
+    torch._dynamo.reset()
+    assert torch.equal(got, want)
+    if mode == "fp8":   # the compiled call (dynamo replays the fake's side effect) and the eager one
+        assert len(strict_mm.calls) == 2 and not strict_mm.calls[0]["tensorwise"]
+
+
+def test_compiled_graph_quantizes_activations_with_the_fusable_pytorch_version(strict_mm, monkeypatch):
+    monkeypatch.setattr(mm, "FP8_GEMM_DEVICE_TYPES", ("cuda", "cpu"))
+    def opaque(*a, **k):
+        raise AssertionError("a separate quantizer kernel must not be used inside torch.compile")
+    monkeypatch.setitem(mm.ACT_QUANTIZERS, "auto", lambda: opaque)
+    torch._dynamo.reset()
+    q, s = _weight(granularity="per_channel")
+    x = torch.randn(5, 64).to(torch.bfloat16)
+    got = torch.compile(lambda x: fp8_linear(x, q, s, mode="fp8"), backend="eager", fullgraph=True)(x)
+    torch._dynamo.reset()
+    assert _rel(got, _reference(x, q, s, None)) < 0.05
+    with pytest.raises(AssertionError, match="separate quantizer"):
+        fp8_linear(x, q, s, mode="fp8")   # eagerly the table's quantizer is used

@@ -1,0 +1,58 @@
+#!/usr/bin/env bash
+# One lent-GPU call: install .device's wheels, then run the named rounds in order, each under its own time
+# limit, results and logs into $OUT. The machine is bare each time, so every round writes the synthetic
+# models it needs into /tmp/models (--cleanup deletes a family's files after its last job: the disk holds one).
+#
+#   bash bench/gpu_round.sh flux_e2e zimage_e2e         # inside device.run, with carry [".device"]
+#
+# Rounds (what each measures is in bench/README.md, "Changed since the last GPU run"):
+#   flux_e2e       Flux 8 GB workflow (tier, core; tier again after a warm-up start), flux_dev_24gb's ladder
+#   zimage_e2e     Z-Image-Turbo 16 GB workflow with its LoRA (tier, core)
+#   fp8_compile    issue #3: ComfyUI bf16, ComfyUI bf16 + TorchCompileModel, ours fp8 (+ TorchCompileModel)
+#   newbie_extra   issue #7: the NewBie pipeline in 6 GiB with fp8 and with NF4 text encoders
+#   calibrate      issue #6: VRAMGuard's estimator on NewBie and SDXL (decode refit, split batches)
+set -uo pipefail
+cd "$(dirname "$0")/.."
+: "${OUT:?OUT is not set (the device tool sets it)}"
+python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --target /tmp/site .device/whl/*.whl \
+    2>/dev/null
+export PYTHONPATH=/tmp/site:$PWD COMFYUI_PATH=$PWD/.device/ComfyUI PYTHONUNBUFFERED=1
+M=/tmp/models
+mkdir -p "$M"
+nvidia-smi --query-gpu=name,memory.used,memory.total --format=csv,noheader
+
+# At most 8 files come back from $OUT: every step's log goes into one file, each result JSON is its own.
+LOG=$OUT/rounds.log
+run() {   # run LIMIT_S NAME CMD...: one step under a time limit; its output appended to $LOG, its tail printed
+    local limit=$1 name=$2; shift 2
+    local t0=$SECONDS step=/tmp/step_$name.log
+    timeout "$limit" "$@" >"$step" 2>&1
+    local rc=$?
+    { echo "===== $name rc=$rc $((SECONDS - t0)) s: $*"; cat "$step"; } >>"$LOG"
+    echo "[round] $name rc=$rc $((SECONDS - t0)) s"
+    tail -n 25 "$step"
+}
+
+e2e() { python3 -m bench.workflows_e2e --models-dir "$M" --out-dir "$OUT" "$@"; }
+
+for round in "$@"; do
+    case $round in
+        flux_e2e)
+            run 200 flux8_tier_core e2e --workflows flux_dev_8gb --parts tier,core
+            run 120 flux8_warm e2e --workflows flux_dev_8gb --parts tier --warm-start
+            run 170 flux24_ladder e2e --workflows flux_dev_24gb --parts ladder --cleanup ;;
+        zimage_e2e)
+            run 220 zimage16 e2e --workflows z_image_turbo_16gb --parts tier,core --cleanup ;;
+        fp8_compile)
+            run 560 fp8_compile python3 -m bench.fp8_flux --models-dir "$M" --out-dir "$OUT" \
+                --comfy-modes comfy_bf16,comfy_bf16_compile --ours-modes ours_fp8_token --extras torch_compile \
+                --no-micro --load-repeats 1 --time-budget-s 540 ;;
+        newbie_extra)
+            run 300 newbie_extra e2e --workflows newbie_12gb --parts extra --cleanup ;;
+        calibrate)
+            run 330 calibrate python3 -m bench.vramguard_calibrate --models-dir "$M" --out-dir "$OUT" \
+                --families newbie,sdxl --minutes 4.5 ;;
+        *) echo "[round] unknown round $round"; exit 2 ;;
+    esac
+done
+ls -la "$OUT"
