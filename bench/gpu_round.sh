@@ -33,22 +33,22 @@ run() {   # run LIMIT_S NAME CMD...: one step under a time limit; its output app
     tail -n 25 "$step"
 }
 
-e2e() { python3 -m bench.workflows_e2e --models-dir "$M" --out-dir "$OUT" "$@"; }
+e2e=(python3 -m bench.workflows_e2e --models-dir "$M" --out-dir "$OUT")   # `timeout` runs commands, not functions
 
 for round in "$@"; do
     case $round in
         flux_e2e)
-            run 200 flux8_tier_core e2e --workflows flux_dev_8gb --parts tier,core
-            run 120 flux8_warm e2e --workflows flux_dev_8gb --parts tier --warm-start
-            run 170 flux24_ladder e2e --workflows flux_dev_24gb --parts ladder --cleanup ;;
+            run 200 flux8_tier_core "${e2e[@]}" --workflows flux_dev_8gb --parts tier,core
+            run 120 flux8_warm "${e2e[@]}" --workflows flux_dev_8gb --parts tier --warm-start
+            run 170 flux24_ladder "${e2e[@]}" --workflows flux_dev_24gb --parts ladder --cleanup ;;
         zimage_e2e)
-            run 220 zimage16 e2e --workflows z_image_turbo_16gb --parts tier,core --cleanup ;;
+            run 220 zimage16 "${e2e[@]}" --workflows z_image_turbo_16gb --parts tier,core --cleanup ;;
         fp8_compile)
             run 560 fp8_compile python3 -m bench.fp8_flux --models-dir "$M" --out-dir "$OUT" \
                 --comfy-modes comfy_bf16,comfy_bf16_compile --ours-modes ours_fp8_token --extras torch_compile \
                 --no-micro --load-repeats 1 --time-budget-s 540 ;;
         newbie_extra)
-            run 300 newbie_extra e2e --workflows newbie_12gb --parts extra --cleanup ;;
+            run 300 newbie_extra "${e2e[@]}" --workflows newbie_12gb --parts extra --cleanup ;;
         calibrate)
             run 330 calibrate python3 -m bench.vramguard_calibrate --models-dir "$M" --out-dir "$OUT" \
                 --families newbie,sdxl --minutes 4.5 ;;
