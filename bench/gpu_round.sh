@@ -6,6 +6,7 @@
 #   bash bench/gpu_round.sh flux_e2e zimage_e2e         # inside device.run, with carry [".device"]
 #
 # Rounds (what each measures is in bench/README.md, "Changed since the last GPU run"):
+#   recheck        the fixes of session 4: Flux 8 GB tier (cold and warm start), compile fidelity, ladder, NewBie
 #   flux_e2e       Flux 8 GB workflow (tier, core; tier again after a warm-up start), flux_dev_24gb's ladder
 #   zimage_e2e     Z-Image-Turbo 16 GB workflow with its LoRA (tier, core)
 #   fp8_compile    issue #3: ComfyUI bf16, ComfyUI bf16 + TorchCompileModel, ours fp8 (+ TorchCompileModel)
@@ -41,6 +42,13 @@ for round in "$@"; do
             run 200 flux8_tier_core "${e2e[@]}" --workflows flux_dev_8gb --parts tier,core
             run 120 flux8_warm "${e2e[@]}" --workflows flux_dev_8gb --parts tier --warm-start
             run 170 flux24_ladder "${e2e[@]}" --workflows flux_dev_24gb --parts ladder --cleanup ;;
+        recheck)   # after the warm-step timing fix and the /free retry: Flux 8 GB, compile fidelity, the ladder, NewBie
+            run 150 flux8_tier "${e2e[@]}" --workflows flux_dev_8gb --parts tier
+            run 110 flux8_warm "${e2e[@]}" --workflows flux_dev_8gb --parts tier --warm-start
+            run 150 compile_fidelity python3 -m bench.compile_fidelity --model "$M/diffusion_models/flux1-dev.safetensors" \
+                --out "$OUT/compile_fidelity.json"
+            run 130 flux24_ladder "${e2e[@]}" --workflows flux_dev_24gb --parts ladder --cleanup
+            run 140 newbie_extra "${e2e[@]}" --workflows newbie_12gb --parts extra --cleanup ;;
         zimage_e2e)
             run 220 zimage16 "${e2e[@]}" --workflows z_image_turbo_16gb --parts tier,core --cleanup ;;
         fp8_compile)
@@ -48,10 +56,10 @@ for round in "$@"; do
                 --comfy-modes comfy_bf16,comfy_bf16_compile --ours-modes ours_fp8_token --extras torch_compile \
                 --no-micro --load-repeats 1 --time-budget-s 540 ;;
         newbie_extra)
-            run 300 newbie_extra "${e2e[@]}" --workflows newbie_12gb --parts extra --cleanup ;;
+            run 200 newbie_extra "${e2e[@]}" --workflows newbie_12gb --parts extra --cleanup ;;
         calibrate)
-            run 330 calibrate python3 -m bench.vramguard_calibrate --models-dir "$M" --out-dir "$OUT" \
-                --families newbie,sdxl --minutes 4.5 ;;
+            run 300 calibrate python3 -m bench.vramguard_calibrate --models-dir "$M" --out-dir "$OUT" \
+                --families newbie,sdxl --minutes 3.5 --faults 3 --repeat 5 ;;
         *) echo "[round] unknown round $round"; exit 2 ;;
     esac
 done

@@ -267,12 +267,18 @@ def _start(ctx: Context, base: Path) -> tuple[ComfyServer, float]:
 
 def _free_and_settle(server: ComfyServer, budget: Budget, ctx: Context, wait_s: float = 15.0) -> int:
     """Ask the server to unload its models, drop the ballast, and wait until the server's device memory stops
-    falling; returns the bytes it still holds (its CUDA context at least)."""
+    falling; returns the bytes it still holds (its CUDA context at least).
+
+    /free is asked again at every poll: ComfyUI's prompt worker reads the flag only when woken, and the
+    wake-up is lost if it comes while the worker is still busy after the prompt (its gc.collect); the worker
+    then sleeps with the models loaded until the next prompt. That was the '7.5 GiB held after /free' of
+    flux_dev_24gb's 8 GiB ladder row: the census showed Flux and the VAE still in ComfyUI's loaded models."""
     server.free(unload_models=True)
     budget.release()
     deadline, last, still = time.monotonic() + wait_s, None, 0
     while time.monotonic() < deadline:
         time.sleep(0.5)
+        server.free(unload_models=True)
         holds = max((ctx.timeline.used_now() or 0) - (ctx.empty_used or 0), 0)
         still = still + 1 if last is not None and holds >= last else 0
         if still >= 3:

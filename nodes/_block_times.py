@@ -1,6 +1,6 @@
 """Block compute times remembered across server starts (plain Python, no ComfyUI import).
 
-ChunkedOffloadUNet times each block in the first step after its first load and plans again with the
+ChunkedOffloadUNet times each block in a warm step after its first load and plans again with the
 times, which costs a second attach (packing and pinning what moved). The times depend only on the model,
 the latent shape and the GPU, so they are kept in one small JSON file (ComfyUI's user folder): after a
 restart the first load plans with them at once.
@@ -20,7 +20,9 @@ import tempfile
 import threading
 
 log = logging.getLogger("lowvram")
-FILE_VERSION = 1
+# 2: times come from the second model call after a load; version 1 timed the first, which carries one-time
+# kernel compilation and made compute look many times slower (such files are not trusted).
+FILE_VERSION = 2
 MAX_ENTRIES = 64   # oldest dropped first: a handful of models x resolutions per machine
 
 

@@ -7,9 +7,10 @@ How the two never manage the same weights, using ComfyUI's own patcher mechanism
   loader walks registered modules only, so it loads, pins, LoRA-patches and accounts for the rest of the
   model (embedders, final layer) and never sees a block weight.
 - An APPLY_MODEL wrapper attaches the block streamer (offload.offload_blocks) on the first call after a
-  load, on the device of the input, within the budget (the first time for a latent shape, it times that
-  step's blocks and plans again with the times; later loads, after a server restart too, plan with the
-  times kept in <user folder>/lowvram_kit/block_times.json at once): resident groups go to the GPU once,
+  load, on the device of the input, within the budget (the first time for a latent shape, it times the
+  blocks in the second call, the first one being warm-up, and plans again with the times; later loads,
+  after a server restart too, plan with the times kept in <user folder>/lowvram_kit/block_times.json at
+  once): resident groups go to the GPU once,
   the rest are packed into pinned host buffers and prefetched on a side stream by forward hooks on the blocks. It adds
   the streamer's device bytes to the model's loaded-weight count, so ComfyUI frees and plans knowing them.
 - LoRA and other weight patches of block weights are computed with the math of ComfyUI's whole-model
@@ -23,7 +24,7 @@ How the two never manage the same weights, using ComfyUI's own patcher mechanism
 - An ON_DETACH callback (ComfyUI unloading the model) and any exception during sampling (a refusal, a
   cancelled prompt, an OOM) detach the streamer: device slots, pinned pages and hooks are released. On an
   unload the packed host buffers (the blocks' host weights, unpinned) wait in PARKED_HOSTS, so the next
-  load re-pins them instead of packing again; the re-plan after the first step keeps them pinned.
+  load re-pins them instead of packing again; the re-plan after the timed step keeps them pinned.
 """
 from __future__ import annotations
 
@@ -138,6 +139,7 @@ class BlockStreamingSession:
         self.block_seconds: dict[tuple[str, tuple[int, ...]], list[float]] = {}
         self.times_store = BlockTimes(block_times_path())   # the same, across server starts
         self.timed_devices = ("cuda",)  # where CUDA events can time blocks (tests add "cpu" with fake events)
+        self.timing = None  # PendingTiming after an attach without known block times
         self.new_event = None  # BlockTimer's event factory; None = torch.cuda.Event
 
     @functools.cached_property
@@ -203,7 +205,7 @@ class BlockStreamingSession:
         re-plan, unpinned with unpin_kept)."""
         if self.streamer is None:
             return None
-        streamer, self.streamer, self.attached_for = self.streamer, None, None
+        streamer, self.streamer, self.attached_for, self.timing = self.streamer, None, None, None
         model = self.patcher.model
         model.model_loaded_weight_memory = max(0, model.model_loaded_weight_memory - streamer.device_bytes)
         t0 = time.perf_counter()
@@ -268,27 +270,36 @@ class BlockStreamingSession:
 
     # ---- wrappers ------------------------------------------------------------------------------------
     def apply_model_wrapper(self, executor, x, *args, **kwargs):
-        if self.streamer is not None:
-            return executor(x, *args, **kwargs)
-        # The patcher running now may be a later clone of ours (a LoRA loader after this node): its
-        # patches are the ones to apply. ComfyUI sets BaseModel.current_patcher before sampling.
-        patcher = getattr(executor.class_obj, "current_patcher", None) or self.patcher
         shape_key = (str(x.device), tuple(x.shape))
-        timed_here = x.device.type in self.timed_devices
-        known = self.block_seconds.get(shape_key)
-        if known is None and timed_here:
-            known = self.block_seconds[shape_key] = self.times_store.get(self.times_key(x))
-        self.attach(patcher, x.device, x.shape, seconds_per_block=known)
-        if known is not None or not timed_here:
+        if self.streamer is None:
+            # The patcher running now may be a later clone of ours (a LoRA loader after this node): its
+            # patches are the ones to apply. ComfyUI sets BaseModel.current_patcher before sampling.
+            patcher = getattr(executor.class_obj, "current_patcher", None) or self.patcher
+            timed_here = x.device.type in self.timed_devices
+            known = self.block_seconds.get(shape_key)
+            if known is None and timed_here:
+                known = self.block_seconds[shape_key] = self.times_store.get(self.times_key(x))
+            self.attach(patcher, x.device, x.shape, seconds_per_block=known)
+            self.timing = None if known is not None or not timed_here else PendingTiming(shape_key, patcher)
+        timing = self.timing
+        if timing is None or timing.shape_key != shape_key:
             return executor(x, *args, **kwargs)
-        # First step after the first load: time every block's compute, then plan again knowing it. Without
-        # compute times the planner assumes transfers dominate and keeps a resident prefix; with them it
-        # can spread resident blocks so that copies keep flowing while they compute.
+        if timing.warmup_calls_left > 0:
+            # The first calls after a load pay one-time costs inside the blocks (Triton and cuBLAS kernels
+            # compiled and loaded, workspaces made): timed, they made compute look 15x slower than it is
+            # and the planner then kept too few blocks resident (Flux 8 GB on the H200: 0.19 s/it, not 0.16).
+            timing.warmup_calls_left -= 1
+            return executor(x, *args, **kwargs)
+        self.timing = None
+        patcher = timing.patcher
+        # Time every block's compute in a warm call, then plan again knowing it. Without compute times
+        # the planner assumes transfers dominate and keeps a resident prefix; with them it can spread
+        # resident blocks so that copies keep flowing while they compute.
         t0 = time.perf_counter()
         with BlockTimer(self.blocks, self.new_event) as timer:
             out = executor(x, *args, **kwargs)
         seconds = timer.seconds()
-        guard.timing("first step, blocks timed", time.perf_counter() - t0,
+        guard.timing("a warm step, blocks timed", time.perf_counter() - t0,
                      blocks_compute_s=None if seconds is None else round(sum(seconds), 4))
         if seconds is not None:
             self.block_seconds[shape_key] = seconds
@@ -381,6 +392,15 @@ class BlockStreamingSession:
         )
 
 
+@dataclass
+class PendingTiming:
+    """Blocks of this call shape still to be timed: after WARMUP_CALLS untimed calls, the next one."""
+
+    shape_key: tuple
+    patcher: object
+    warmup_calls_left: int = 1   # WARMUP_CALLS
+
+
 def block_times_path() -> str | None:
     """<ComfyUI user folder>/lowvram_kit/block_times.json (None where ComfyUI has no user folder)."""
     try:
@@ -424,7 +444,7 @@ class BlockTimer:
         """Per-block seconds, or None if a block did not run in the pass (nothing to re-plan with)."""
         missing = [i for i, (start, end) in enumerate(self.recorded) if not (start and end)]
         if missing:
-            log.warning("LowVRAM Kit ChunkedOffloadUNet: %d of %d blocks were not timed in the first step "
+            log.warning("LowVRAM Kit ChunkedOffloadUNet: %d of %d blocks were not timed in the timed step "
                         "(first: block %d, %s); keeping the plan made without compute times",
                         len(missing), len(self.blocks), missing[0], type(self.blocks[missing[0]]).__name__)
             return None

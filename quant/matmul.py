@@ -326,7 +326,7 @@ def linear_fp8(
     reason = scaled_mm_unsupported_reason(x, w_fp8, w_scale, act_scaling)
     if reason is not None:
         if not torch.compiler.is_compiling():   # a logging call would break a compiled graph
-            log.debug("fp8 matmul not usable for this call (%s); dequantizing", reason)
+            _note_fallback(reason)
         return linear_dequant(x, w_fp8, w_scale, bias, out_dtype)
     x2d = x.reshape(-1, x.shape[-1])
     fast_accum = _options.fast_accum if fast_accum is None else fast_accum
@@ -338,6 +338,17 @@ def linear_fp8(
 
 
 _PATHS: dict[str, Callable[..., torch.Tensor]] = {"fp8": linear_fp8, "dequant": linear_dequant}
+FALLBACKS: dict[str, int] = {}   # why an fp8-mode layer took the dequant path -> calls (this process)
+_FALLBACK_REASONS_LOGGED = 32
+
+
+def _note_fallback(reason: str) -> None:
+    """Count a dequant fallback of the fp8 path; each distinct reason is logged once (INFO), because a layer
+    that silently dequantizes on every call costs about 1.4x its fp8 time and is otherwise invisible."""
+    first = reason not in FALLBACKS
+    FALLBACKS[reason] = FALLBACKS.get(reason, 0) + 1
+    if first and len(FALLBACKS) <= _FALLBACK_REASONS_LOGGED:
+        log.info("LowVRAM Kit: fp8 matmul not usable for a layer (%s); it is dequantized to bf16 per call", reason)
 
 
 def fp8_linear(

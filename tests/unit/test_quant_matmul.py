@@ -326,3 +326,19 @@ def test_compiled_graph_quantizes_activations_with_the_fusable_pytorch_version(s
     assert _rel(got, _reference(x, q, s, None)) < 0.05
     with pytest.raises(AssertionError, match="separate quantizer"):
         fp8_linear(x, q, s, mode="fp8")   # eagerly the table's quantizer is used
+
+
+def test_a_dequant_fallback_is_counted_and_logged_once_per_reason(strict_mm, monkeypatch, caplog):
+    monkeypatch.setattr(mm, "FALLBACKS", {})
+    q, s = _weight(granularity="per_channel")
+    q48 = q[:, :48].contiguous()   # K = 48 is fine; N = 40 is not a multiple of 16
+    q40, s40 = q[:40].contiguous(), s[:40]
+    x = torch.randn(3, 64).to(torch.bfloat16)
+    with caplog.at_level(logging.INFO, logger="lowvram"):
+        for _ in range(3):
+            fp8_linear(x, q40, s40, mode="fp8")
+        fp8_linear(x[:, :48], q48, s, mode="fp8")
+    reason = "weight shape [40, 64] is not divisible by 16"
+    assert mm.FALLBACKS == {reason: 3} and strict_mm.calls and len(strict_mm.calls) == 1
+    logged = [r.getMessage() for r in caplog.records if r.name == "lowvram"]
+    assert len(logged) == 1 and reason in logged[0]
