@@ -47,6 +47,7 @@ NODE_CLASS_MAPPINGS = {
     "NewBieXMLPrompt": _node("newbie_xml_prompt", "NewBieXMLPrompt"),
     "NewBieDiTLoader": _node("newbie_dit_loader", "NewBieDiTLoader"),
     "VRAMGuard": _node("vram_guard", "VRAMGuard"),
+    "CompileModelBlocks": _node("compile_model_blocks", "CompileModelBlocks"),
 }
 NODE_DISPLAY_NAME_MAPPINGS = {
     "Float8DiTLoader": "Float8 DiT Loader (LowVRAM)",
@@ -58,6 +59,7 @@ NODE_DISPLAY_NAME_MAPPINGS = {
     "NewBieXMLPrompt": "NewBie XML Prompt (LowVRAM)",
     "NewBieDiTLoader": "NewBie DiT Loader (LowVRAM)",
     "VRAMGuard": "VRAM Guard (LowVRAM)",
+    "CompileModelBlocks": "Compile Model Blocks (LowVRAM)",
 }
 
 

@@ -61,9 +61,10 @@ OURS = {m.name: m for m in (
 # Process-wide fp8 GEMM options tried on the per-token model (quant.matmul.Fp8MatmulOptions fields).
 EXTRAS = {"fast_accum": {"fast_accum": True}, "triton": {"act_quant": "triton"},
           "triton_fast_accum": {"act_quant": "triton", "fast_accum": True}, "compiled": {"act_quant": "compiled"},
-          "torch_compile": {}, "torch_compile_fast_accum": {"fast_accum": True}}
-# Extras sampled through ComfyUI's TorchCompileModel wrapper (inductor fuses our activation quantization).
-TORCH_COMPILE_EXTRAS = ("torch_compile", "torch_compile_fast_accum")
+          "torch_compile": {}, "torch_compile_fast_accum": {"fast_accum": True}, "blocks_compile": {}}
+# Extras sampled through ComfyUI's torch.compile wrapper (inductor fuses our activation quantization): the whole
+# diffusion model as its TorchCompileModel node does, or each block alone as our CompileModelBlocks does.
+TORCH_COMPILE_EXTRAS = ("torch_compile", "torch_compile_fast_accum", "blocks_compile")
 # Weights compared GPU path vs CPU path: the largest, a square one, a wide-input one.
 CHECK_WEIGHTS = ("single_blocks.0.linear1.weight", "double_blocks.0.img_attn.proj.weight",
                  "single_blocks.0.linear2.weight")
@@ -200,7 +201,9 @@ class Worker:
         previous = self.qmatmul.set_fp8_matmul_options(options)
         try:
             if extra in TORCH_COMPILE_EXTRAS:
-                row = self.sample(with_torch_compile(model), f"{mode}+{extra}", options=asdict(options))
+                blocks = importlib.import_module("lowvram_kit.nodes.comfy_block_compile")
+                compiled = blocks.compile_blocks(model) if extra == "blocks_compile" else with_torch_compile(model)
+                row = self.sample(compiled, f"{mode}+{extra}", options=asdict(options))
                 row_breaks = graph_breaks()
                 self.rec.emit({"kind": "check", "what": "graph breaks under torch.compile", "extra": extra,
                                "graph_breaks": row_breaks, "row_ok": row.get("s_per_it") is not None})

@@ -53,7 +53,7 @@ for round in "$@"; do
             run 220 zimage16 "${e2e[@]}" --workflows z_image_turbo_16gb --parts tier,core --cleanup ;;
         fp8_compile)
             run 560 fp8_compile python3 -m bench.fp8_flux --models-dir "$M" --out-dir "$OUT" \
-                --comfy-modes comfy_bf16,comfy_bf16_compile --ours-modes ours_fp8_token --extras torch_compile \
+                --comfy-modes comfy_bf16,comfy_bf16_compile --ours-modes ours_fp8_token --extras blocks_compile,torch_compile \
                 --no-micro --load-repeats 1 --time-budget-s 540 ;;
         newbie_extra)
             run 200 newbie_extra "${e2e[@]}" --workflows newbie_12gb --parts extra --cleanup ;;

@@ -54,6 +54,7 @@ from .model_families import family_of_model
 
 log = logging.getLogger("lowvram")
 KEY = "lowvram_block_streaming"
+COMPILE_KEY = "torch.compile"   # the APPLY_MODEL wrapper key of ComfyUI's torch.compile helper
 GiB = 1 << 30
 WIDGET_STEP_GIB = 0.25  # vram_budget_gb's step: a suggested budget is rounded up to it
 
@@ -455,6 +456,11 @@ class BlockTimer:
 
 def stream_blocks(model, settings: StreamingSettings):
     """A clone of `model` whose blocks stream within the budget; raises UnknownFamilyError for others."""
+    if model.wrappers.get(WrappersMP.APPLY_MODEL, {}).get(COMPILE_KEY):
+        raise ValueError(
+            "ChunkedOffloadUNet: this model is compiled (CompileModelBlocks or ComfyUI's TorchCompileModel), and "
+            "compiled blocks would bypass the hooks that stream them. Put the compile node only on models that "
+            "stay in VRAM, or remove it here.")
     clone = model.clone()
     session = BlockStreamingSession(clone, settings)
     session.install()
