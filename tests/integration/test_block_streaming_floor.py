@@ -31,24 +31,9 @@ def pack(comfy):
 
 
 @pytest.fixture(scope="module")
-def flux(comfy):
+def flux(tiny_flux_patcher):
     """Flux with 1 double + 3 single blocks: the double block is the largest, so the floor streams."""
-    import comfy.model_management as mm
-    import comfy.model_patcher
-    import comfy.supported_models
-
-    cfg = dict(image_model="flux", in_channels=16, out_channels=16, vec_in_dim=768, context_in_dim=64,
-               hidden_size=32, mlp_ratio=4.0, num_heads=2, depth=1, depth_single_blocks=3, axes_dim=[4, 6, 6],
-               theta=10000, patch_size=2, qkv_bias=True, guidance_embed=True)
-    mc = comfy.supported_models.Flux(cfg)
-    mc.set_inference_dtype(torch.float32, None)
-    model = mc.get_model({})
-    g = torch.Generator().manual_seed(0)
-    with torch.no_grad():
-        for p in model.parameters():
-            p.copy_(torch.randn(p.shape, generator=g) * 0.05)
-    return comfy.model_patcher.ModelPatcher(model, load_device=mm.get_torch_device(),
-                                            offload_device=mm.unet_offload_device())
+    return tiny_flux_patcher(depth_single_blocks=3)
 
 
 class StepCounter:
