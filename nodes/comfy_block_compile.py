@@ -21,11 +21,11 @@ import logging
 
 from comfy.patcher_extension import WrappersMP
 
+from .comfy_block_streaming import COMPILE_KEY
+from .comfy_block_streaming import KEY as STREAMING_KEY
 from .model_families import family_of_model
 
 log = logging.getLogger("lowvram")
-COMPILE_KEY = "torch.compile"        # comfy_api.torch_helpers.torch_compile.COMPILE_KEY
-STREAMING_KEY = "lowvram_block_streaming"   # comfy_block_streaming.KEY (not imported: it imports torch CUDA paths)
 MODES = ("default", "max-autotune-no-cudagraphs")
 
 
@@ -59,6 +59,9 @@ def compile_blocks(model, mode: str = "default", backend: str = "inductor"):
     except ImportError as e:
         raise RuntimeError("CompileModelBlocks needs comfy_api.torch_helpers (ComfyUI with the TorchCompileModel "
                            f"node); this ComfyUI has none ({e}). Update ComfyUI or remove the node.") from e
+    if has_wrapper(model, COMPILE_KEY):
+        log.info("LowVRAM Kit CompileModelBlocks: the model was already compiled (TorchCompileModel or this node); "
+                 "that compile is replaced by block-wise compilation")
     clone = model.clone()
     keys = block_keys(clone)
     set_torch_compile_wrapper(model=clone, backend=backend, mode=None if mode == "default" else mode, keys=keys)

@@ -10,9 +10,9 @@ How the two never manage the same weights, using ComfyUI's own patcher mechanism
   load, on the device of the input, within the budget (the first time for a latent shape, it times the
   blocks in the second call, the first one being warm-up, and plans again with the times; later loads,
   after a server restart too, plan with the times kept in <user folder>/lowvram_kit/block_times.json at
-  once): resident groups go to the GPU once,
-  the rest are packed into pinned host buffers and prefetched on a side stream by forward hooks on the blocks. It adds
-  the streamer's device bytes to the model's loaded-weight count, so ComfyUI frees and plans knowing them.
+  once): resident groups go to the GPU once, the rest are packed into pinned host buffers and prefetched
+  on a side stream by forward hooks on the blocks. It adds the streamer's device bytes to the model's
+  loaded-weight count, so ComfyUI frees and plans knowing them.
 - LoRA and other weight patches of block weights are computed with the math of ComfyUI's whole-model
   load (_weight_patches): merged once into the device copy of resident blocks when the streamer puts
   them there, and per call (a weight function, as ComfyUI does for its own offloaded layers) for
@@ -55,6 +55,8 @@ from .model_families import family_of_model
 log = logging.getLogger("lowvram")
 KEY = "lowvram_block_streaming"
 COMPILE_KEY = "torch.compile"   # the APPLY_MODEL wrapper key of ComfyUI's torch.compile helper
+# Model calls after an attach that run untimed before the blocks are timed: the first pays one-time costs.
+WARMUP_CALLS = 1
 GiB = 1 << 30
 WIDGET_STEP_GIB = 0.25  # vram_budget_gb's step: a suggested budget is rounded up to it
 
@@ -287,7 +289,7 @@ class BlockStreamingSession:
             return executor(x, *args, **kwargs)
         if timing.warmup_calls_left > 0:
             # The first calls after a load pay one-time costs inside the blocks (Triton and cuBLAS kernels
-            # compiled and loaded, workspaces made): timed, they made compute look 15x slower than it is
+            # compiled and loaded, workspaces made): timed, they made compute look 16x slower than it is
             # and the planner then kept too few blocks resident (Flux 8 GB on the H200: 0.19 s/it, not 0.16).
             timing.warmup_calls_left -= 1
             return executor(x, *args, **kwargs)
@@ -399,7 +401,7 @@ class PendingTiming:
 
     shape_key: tuple
     patcher: object
-    warmup_calls_left: int = 1   # WARMUP_CALLS
+    warmup_calls_left: int = WARMUP_CALLS
 
 
 def block_times_path() -> str | None:
