@@ -187,7 +187,8 @@ def measure_mode(mode: str, weight_dtype: str, a, w: Workload, comfy, emit) -> i
         return len(budgets)
     env = {"kind": "env", "mode": mode, **device_environment(device), "comfy_argv": comfy_argv,
            "comfy_fast": sorted(f.value for f in comfy_args.fast), "weight_dtype": weight_dtype,
-           "vram_state": mm.vram_state.name, "torch_compile": a.torch_compile, "linear_class": linear_class(model), "load_s": load_s,
+           "vram_state": mm.vram_state.name, "torch_compile": a.torch_compile, "linear_class": linear_class(model),
+           "load_s": load_s,
            "workload": asdict(w), "model": str(model_path), "model_file_bytes": model_path.stat().st_size}
     emit(env)
     print(f"[bench] {mode}: loaded {model_path.name} as {weight_dtype} in {load_s:.1f} s "
