@@ -12,6 +12,7 @@
 #   fp8_compile    issue #3: ComfyUI bf16, ComfyUI bf16 + TorchCompileModel, ours fp8 (+ TorchCompileModel)
 #   newbie_extra   issue #7: the NewBie pipeline in 6 GiB with fp8 and with NF4 text encoders
 #   calibrate      issue #6: VRAMGuard's estimator on NewBie and SDXL (decode refit, split batches)
+#   offload_flux   issue #4: Flux offload ratios at 12/8/6/4 GiB;  calibrate_flux: issue #6 on Flux
 set -uo pipefail
 cd "$(dirname "$0")/.."
 : "${OUT:?OUT is not set (the device tool sets it)}"
@@ -47,7 +48,7 @@ for round in "$@"; do
             run 110 flux8_warm "${e2e[@]}" --workflows flux_dev_8gb --parts tier --warm-start
             run 150 compile_fidelity python3 -m bench.compile_fidelity --model "$M/diffusion_models/flux1-dev.safetensors" \
                 --out "$OUT/compile_fidelity.json"
-            run 130 flux24_ladder "${e2e[@]}" --workflows flux_dev_24gb --parts ladder --cleanup
+            run 150 flux24_ladder "${e2e[@]}" --workflows flux_dev_24gb --parts ladder --cleanup
             run 140 newbie_extra "${e2e[@]}" --workflows newbie_12gb --parts extra --cleanup ;;
         zimage_e2e)
             run 220 zimage16 "${e2e[@]}" --workflows z_image_turbo_16gb --parts tier,core --cleanup ;;
@@ -57,6 +58,11 @@ for round in "$@"; do
                 --no-micro --load-repeats 1 --time-budget-s 540 ;;
         newbie_extra)
             run 200 newbie_extra "${e2e[@]}" --workflows newbie_12gb --parts extra --cleanup ;;
+        offload_flux)   # issue #4: ComfyUI core and ours at 12/8/6/4 GiB (about 3 min on an H200)
+            run 400 offload_flux python3 -m bench.offload_flux --models-dir "$M" --out-dir "$OUT" ;;
+        calibrate_flux)   # issue #6: Flux rows with the current estimator constants
+            run 420 calibrate_flux python3 -m bench.vramguard_calibrate --models-dir "$M" --out-dir "$OUT" \
+                --families flux --minutes 6 --faults 3 --repeat 5 ;;
         calibrate)
             run 300 calibrate python3 -m bench.vramguard_calibrate --models-dir "$M" --out-dir "$OUT" \
                 --families newbie,sdxl --minutes 3.5 --faults 3 --repeat 5 ;;
