@@ -19,10 +19,9 @@ from __future__ import annotations
 
 import logging
 
-from comfy.patcher_extension import WrappersMP
-
 from .comfy_block_streaming import COMPILE_KEY
 from .comfy_block_streaming import KEY as STREAMING_KEY
+from .comfy_block_streaming import has_apply_model_wrapper
 from .model_families import family_of_model
 
 log = logging.getLogger("lowvram")
@@ -31,10 +30,6 @@ MODES = ("default", "max-autotune-no-cudagraphs")
 
 class CompileConflict(ValueError):
     """Block compilation and block streaming asked for on the same model."""
-
-
-def has_wrapper(patcher, key: str) -> bool:
-    return bool(patcher.wrappers.get(WrappersMP.APPLY_MODEL, {}).get(key))
 
 
 def block_keys(patcher) -> list[str]:
@@ -49,7 +44,7 @@ def compile_blocks(model, mode: str = "default", backend: str = "inductor"):
     """A clone of `model` whose blocks run compiled; raises CompileConflict or UnknownFamilyError."""
     if mode not in MODES:
         raise ValueError(f"mode {mode!r} is not allowed; choose one of: {', '.join(MODES)}")
-    if has_wrapper(model, STREAMING_KEY):
+    if has_apply_model_wrapper(model, STREAMING_KEY):
         raise CompileConflict(
             "CompileModelBlocks: this model's blocks are streamed by ChunkedOffloadUNet, which runs them through "
             "hooks that a compiled block would bypass. Use one of the two: ChunkedOffloadUNet when the model does "
@@ -59,7 +54,7 @@ def compile_blocks(model, mode: str = "default", backend: str = "inductor"):
     except ImportError as e:
         raise RuntimeError("CompileModelBlocks needs comfy_api.torch_helpers (ComfyUI with the TorchCompileModel "
                            f"node); this ComfyUI has none ({e}). Update ComfyUI or remove the node.") from e
-    if has_wrapper(model, COMPILE_KEY):
+    if has_apply_model_wrapper(model, COMPILE_KEY):
         log.info("LowVRAM Kit CompileModelBlocks: the model was already compiled (TorchCompileModel or this node); "
                  "that compile is replaced by block-wise compilation")
     clone = model.clone()

@@ -456,9 +456,14 @@ class BlockTimer:
         return [start.elapsed_time(end) / 1000.0 for start, end in self.events]
 
 
+def has_apply_model_wrapper(patcher, key: str) -> bool:
+    """Whether a ModelPatcher (or a stand-in without wrappers) has APPLY_MODEL wrappers under `key`."""
+    return bool(getattr(patcher, "wrappers", {}).get(WrappersMP.APPLY_MODEL, {}).get(key))
+
+
 def stream_blocks(model, settings: StreamingSettings):
     """A clone of `model` whose blocks stream within the budget; raises UnknownFamilyError for others."""
-    if model.wrappers.get(WrappersMP.APPLY_MODEL, {}).get(COMPILE_KEY):
+    if has_apply_model_wrapper(model, COMPILE_KEY):
         raise ValueError(
             "ChunkedOffloadUNet: this model is compiled (CompileModelBlocks or ComfyUI's TorchCompileModel), and "
             "compiled blocks would bypass the hooks that stream them. Put the compile node only on models that "
