@@ -22,11 +22,8 @@ from pathlib import Path
 import torch
 
 from .comfy_core_flux import import_comfy
+from .fp8_flux import rel_l2
 from .results import device_environment, host_environment, utc_now, write_json
-
-
-def rel_l2(a: torch.Tensor, b: torch.Tensor) -> float:
-    return float((a.double() - b.double()).norm() / b.double().norm().clamp_min(1e-30))
 
 
 def inputs(dm, size: int, txt_tokens: int, device, dtype, seed: int = 0):
