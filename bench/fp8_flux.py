@@ -75,7 +75,22 @@ def annotate(rows: list[dict]) -> dict:
         r["ratio_to_comfy_bf16"] = s / base if (s and base) else None
         if ref_latent is not None and r.get("latent_file") and Path(r["latent_file"]).exists():
             r["rel_l2_vs_comfy_bf16"] = rel_l2(torch.load(r["latent_file"]), ref_latent)
+        eager = eager_row_of(rows, r)
+        if eager is not None and Path(r["latent_file"]).exists() and Path(eager["latent_file"]).exists():
+            # An extra (e.g. "+blocks_compile") runs on the reloaded saved copy: 0 here means bit-identical.
+            r["rel_l2_vs_eager"] = rel_l2(torch.load(r["latent_file"]), torch.load(eager["latent_file"]))
     return {"reference": REFERENCE, "reference_s_per_it": base}
+
+
+EAGER_OF_EXTRAS = "ours_fp8_reloaded"   # the row sampled on the same model just before its extras
+
+
+def eager_row_of(rows: list[dict], r: dict) -> dict | None:
+    """The eager row an extra's output is compared with (None for rows that are not extras)."""
+    if "+" not in str(r.get("mode", "")) or not r.get("latent_file"):
+        return None
+    eager = find_row(rows, EAGER_OF_EXTRAS, r.get("budget_gib"))
+    return eager if eager and eager.get("latent_file") else None
 
 
 def noise(rows: list[dict]) -> dict[str, float]:
@@ -152,9 +167,9 @@ def print_tables(payload: dict) -> None:
           f"ComfyUI {env.get('comfyui_version')}); reference {REFERENCE} "
           f"{payload['summary'].get('reference_s_per_it')} s/it")
     print(format_table(
-        ["mode", "budget", "s/it", "ratio", "rel L2 vs bf16", "peak GiB", "torch GiB", "first step s", "finite"],
+        ["mode", "budget", "s/it", "ratio", "rel L2 vs bf16", "vs eager", "peak GiB", "torch GiB", "first step s", "finite"],
         [[r["mode"] + (" (again)" if r.get("repeat") else ""), r.get("budget"), r.get("s_per_it"),
-          r.get("ratio_to_comfy_bf16"), r.get("rel_l2_vs_comfy_bf16"), r.get("peak_gib"), r.get("peak_torch_alloc_gib"),
+          r.get("ratio_to_comfy_bf16"), r.get("rel_l2_vs_comfy_bf16"), r.get("rel_l2_vs_eager"), r.get("peak_gib"), r.get("peak_torch_alloc_gib"),
           r.get("first_step_s"), r.get("latent_finite") if "error" not in r else "ERROR"] for r in rows], digits=4))
     print(format_table(["load", "median s", "each s", "file GB"],
                        [[k, v["median_s"], " ".join(f"{s:.2f}" for s in v["seconds"]),

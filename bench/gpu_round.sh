@@ -10,6 +10,7 @@
 #   flux_e2e       Flux 8 GB workflow (tier, core; tier again after a warm-up start), flux_dev_24gb's ladder
 #   zimage_e2e     Z-Image-Turbo 16 GB workflow with its LoRA (tier, core)
 #   fp8_compile    issue #3: ComfyUI bf16, ComfyUI bf16 + TorchCompileModel, ours fp8 (+ TorchCompileModel)
+#   blocks_compile issue #3: ComfyUI bf16, ours fp8 eager and with CompileModelBlocks (rel L2 to eager)
 #   newbie_extra   issue #7: the NewBie pipeline in 6 GiB with fp8 and with NF4 text encoders
 #   calibrate      issue #6: VRAMGuard's estimator on NewBie and SDXL (decode refit, split batches)
 #   offload_flux   issue #4: Flux offload ratios at 12/8/6/4 GiB;  calibrate_flux: issue #6 on Flux
@@ -56,6 +57,10 @@ for round in "$@"; do
             run 560 fp8_compile python3 -m bench.fp8_flux --models-dir "$M" --out-dir "$OUT" \
                 --comfy-modes comfy_bf16,comfy_bf16_compile --ours-modes ours_fp8_token --extras blocks_compile,torch_compile \
                 --no-micro --load-repeats 1 --time-budget-s 540 ;;
+        blocks_compile)   # issue #3: CompileModelBlocks on ours fp8 against ComfyUI bf16, rel L2 to our eager row
+            run 400 blocks_compile python3 -m bench.fp8_flux --models-dir "$M" --out-dir "$OUT" \
+                --comfy-modes comfy_bf16 --ours-modes ours_fp8_token --extras blocks_compile \
+                --no-micro --load-repeats 1 --time-budget-s 380 ;;
         newbie_extra)
             run 200 newbie_extra "${e2e[@]}" --workflows newbie_12gb --parts extra --cleanup ;;
         offload_flux)   # issue #4: ComfyUI core and ours at 12/8/6/4 GiB (about 3 min on an H200)
