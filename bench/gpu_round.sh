@@ -61,10 +61,11 @@ for round in "$@"; do
             run 400 blocks_compile python3 -m bench.fp8_flux --models-dir "$M" --out-dir "$OUT" \
                 --comfy-modes comfy_bf16 --ours-modes ours_fp8_token --extras blocks_compile \
                 --no-micro --load-repeats 1 --time-budget-s 380 ;;
-        newbie_extra)
-            run 200 newbie_extra "${e2e[@]}" --workflows newbie_12gb --parts extra --cleanup ;;
-        offload_flux)   # issue #4: ComfyUI core and ours at 12/8/6/4 GiB (about 3 min on an H200)
-            run 400 offload_flux python3 -m bench.offload_flux --models-dir "$M" --out-dir "$OUT" ;;
+        newbie_extra)   # fp8, NF4 and NF4 + CompileModelBlocks text-to-image in 6 GiB
+            run 300 newbie_extra "${e2e[@]}" --workflows newbie_12gb --parts extra --cleanup ;;
+        offload_flux)   # issue #4: ComfyUI core and ours (eager and CompileModelBlocks) at 12/8/6/4 GiB
+            run 480 offload_flux python3 -m bench.offload_flux --models-dir "$M" --out-dir "$OUT" --steps 8 \
+                --blocks-compile ;;
         calibrate_flux)   # issue #6: Flux rows with the current estimator constants
             run 420 calibrate_flux python3 -m bench.vramguard_calibrate --models-dir "$M" --out-dir "$OUT" \
                 --families flux --minutes 6 --faults 3 --repeat 5 ;;

@@ -41,7 +41,19 @@ def core_rows(model: Path, rows: Path, budgets: list[str], steps: int, smoke: bo
         subprocess.run(cmd + ["--"] + flags + (["--cpu"] if smoke else []), check=False)
 
 
-def ours(model_path: str, rows_path: str, budgets: list[str], steps: int, smoke: bool, act_quants: list[str]) -> None:
+def dynamo_counts() -> dict:
+    """torch._dynamo's counters so far in this process: graphs compiled and recompiles (0 = the blocks of a kind
+    share one graph across instances and budgets, as they should)."""
+    import torch._dynamo.utils as dynamo_utils
+
+    stats = dynamo_utils.counters["stats"]
+    return {"unique_graphs": int(stats["unique_graphs"]), "recompiles": int(dynamo_utils.counters["recompiles"].total()
+            if hasattr(dynamo_utils.counters["recompiles"], "total") else sum(dynamo_utils.counters["recompiles"].values())),
+            "graph_breaks": int(sum(dynamo_utils.counters["graph_break"].values()))}
+
+
+def ours(model_path: str, rows_path: str, budgets: list[str], steps: int, smoke: bool, act_quants: list[str],
+         blocks_compile: bool = False) -> None:
     """Our rows, in this process: load once per weight kind, stream at each budget (and each activation
     quantizer of quant.matmul.Fp8MatmulOptions)."""
     run = OursRun(rows_path, Workload(steps=steps, **({"width": 64, "height": 64} if smoke else {})), smoke)
@@ -55,6 +67,20 @@ def ours(model_path: str, rows_path: str, budgets: list[str], steps: int, smoke:
             if "error" in run.row(fp8, f"ours_fp8_stream{suffix}", budget):
                 break  # an experimental quantizer must not end the run, nor spend it failing
     set_fp8_matmul_options(Fp8MatmulOptions())
+    if blocks_compile and fp8 is not None:
+        # CompileModelBlocks (inductor) on the same fp8 model: resident through ComfyUI's compile wrapper, streamed
+        # through the streamer's per-forward compile; the first row compiles (its first step).
+        from lowvram_kit.nodes.comfy_block_compile import compile_blocks
+
+        # The last streamed clone is still loaded, its stand-in block lists patched into the shared model, where
+        # ComfyUI's compile helper would look the blocks up: unloading restores the model's own lists.
+        run.mm.unload_all_models()
+        compiled = compile_blocks(fp8, backend="eager" if smoke else "inductor")
+        for budget in ["unlimited"] + budgets:
+            if "error" in run.row(compiled, "ours_fp8_stream_blocks_compile", budget):
+                break
+        run.emit({"kind": "dynamo", **dynamo_counts()})
+        del compiled
     del fp8
     run.mm.unload_all_models()
     bf16 = run.load_comfy(model_path, "ours_bf16")
@@ -74,11 +100,13 @@ def main(argv=None) -> int:
                     "resident, the reference, always)")
     ap.add_argument("--act-quant", default="eager", help="activation quantizers for our fp8 rows: eager, "
                     "compiled, triton (comma list)")
+    ap.add_argument("--blocks-compile", action="store_true", help="also our fp8 rows with CompileModelBlocks "
+                    "(resident and streamed at each budget)")
     ap.add_argument("--ours", nargs=2, metavar=("MODEL", "ROWS"), help=argparse.SUPPRESS)
     a = ap.parse_args(argv)
     budgets = [] if a.smoke else a.budgets.split(",")
     if a.ours:
-        ours(a.ours[0], a.ours[1], budgets, a.steps, a.smoke, a.act_quant.split(","))
+        ours(a.ours[0], a.ours[1], budgets, a.steps, a.smoke, a.act_quant.split(","), a.blocks_compile)
         return 0
     size = "tiny" if a.smoke else "full"
     from harness.synthetic.cache import default_models_dir
@@ -92,7 +120,7 @@ def main(argv=None) -> int:
     core_rows(model, rows_file, budgets, a.steps, a.smoke, a.core.split(","))
     subprocess.run([sys.executable, "-m", "bench.offload_flux", "--ours", str(model), str(rows_file),
                     "--steps", str(a.steps), "--budgets", a.budgets, "--act-quant", a.act_quant]
-                   + (["--smoke"] if a.smoke else []), check=False)
+                   + (["--smoke"] if a.smoke else []) + (["--blocks-compile"] if a.blocks_compile else []), check=False)
     path, rows = finish("offload_flux", rows_file, out_dir, stamp, a.smoke, "comfy_bf16",
                         {"model": str(model)})
     print(table(rows, "flux"))

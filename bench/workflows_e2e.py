@@ -93,6 +93,8 @@ def plan_jobs(workflows: list[str], parts: set[str]) -> list[Job]:
             jobs.append(Job(w, "ours", (6.0,), "extra", label="NewBie fp8 pipeline in 6 GiB (issue #7)"))
             jobs.append(Job(w, "ours-nf4", (6.0,), "extra", label="NewBie pipeline, NF4 text encoders, in 6 GiB "
                             "(issue #7; needs bitsandbytes)"))
+            jobs.append(Job(w, "ours-nf4-compiled", (6.0,), "extra", label="NewBie pipeline, NF4 text encoders, "
+                            "CompileModelBlocks after ChunkedOffloadUNet, in 6 GiB (issue #7)"))
     jobs.sort(key=lambda j: FAMILIES.index(j.family))
     return jobs
 
@@ -110,10 +112,13 @@ class Context:
 
 def graph_for(job: Job, ctx: Context) -> dict:
     api = ui_to_api(load_workflow(job.workflow), ctx.object_info)
-    if job.graph == "ours-nf4":   # the text encoders as NF4 (bitsandbytes), everything else as shipped
+    variants = set(job.graph.split("-")[1:]) if job.graph.startswith("ours") else set()
+    if "nf4" in variants:   # the text encoders as NF4 (bitsandbytes), everything else as shipped
         for node in api.values():
             if node["class_type"] == "NewBieTextEncoderLoader":
                 node["inputs"]["weight_format"] = "nf4"
+    if "compiled" in variants:
+        insert_after(api, "ChunkedOffloadUNet", "CompileModelBlocks", {"mode": "default"})
     if job.graph.startswith("core"):
         api = to_core(api)
         if job.graph == "core-bf16":
@@ -126,6 +131,19 @@ def graph_for(job: Job, ctx: Context) -> dict:
     if job.steps:
         apply_overrides(api, {"steps": job.steps})
     return api
+
+
+def insert_after(api: dict, class_type: str, new_class: str, widgets: dict) -> str:
+    """Put a `new_class` node (MODEL in, MODEL out) after the one `class_type` node of an API graph, rewiring its
+    consumers; returns the new node's id."""
+    (source,) = [nid for nid, node in api.items() if node["class_type"] == class_type]
+    new_id = str(max(int(nid) for nid in api) + 1)
+    for node in api.values():
+        for name, value in node["inputs"].items():
+            if value == [source, 0]:
+                node["inputs"][name] = [new_id, 0]
+    api[new_id] = {"class_type": new_class, "inputs": {"model": [source, 0], **widgets}}
+    return new_id
 
 
 def ensure_models(api: dict, ctx: Context) -> list[str]:

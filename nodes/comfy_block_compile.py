@@ -12,13 +12,16 @@ How: ComfyUI's own helper (comfy_api.torch_helpers.set_torch_compile_wrapper) wi
 an APPLY_MODEL wrapper (key "torch.compile"), so unloading, LoRA and other wrappers work as with its node.
 Blocks of one kind share one compiled graph (their parameters are graph inputs), so Flux compiles two graphs.
 
-Not with ChunkedOffloadUNet: it hides the block lists from ComfyUI and streams through hooks on the blocks;
-the two refuse each other with a message.
+With ChunkedOffloadUNet (in either order) the streamer compiles instead: it hides the block lists from
+ComfyUI and streams through hooks on each block's `__call__`, which a swapped-in compiled module would trace.
+So on a streamed model this node only attaches a CompileRequest, and the streaming session compiles each
+block's `forward` while it is attached (nodes._compiled_forwards), the hooks staying eager around it.
 """
 from __future__ import annotations
 
 import logging
 
+from ._compiled_forwards import COMPILE_ATTACHMENT, CompileRequest
 from .comfy_block_streaming import COMPILE_KEY
 from .comfy_block_streaming import KEY as STREAMING_KEY
 from .comfy_block_streaming import has_apply_model_wrapper
@@ -26,10 +29,6 @@ from .model_families import family_of_model
 
 log = logging.getLogger("lowvram")
 MODES = ("default", "max-autotune-no-cudagraphs")
-
-
-class CompileConflict(ValueError):
-    """Block compilation and block streaming asked for on the same model."""
 
 
 def block_keys(patcher) -> list[str]:
@@ -41,14 +40,17 @@ def block_keys(patcher) -> list[str]:
 
 
 def compile_blocks(model, mode: str = "default", backend: str = "inductor"):
-    """A clone of `model` whose blocks run compiled; raises CompileConflict or UnknownFamilyError."""
+    """A clone of `model` whose blocks run compiled; raises UnknownFamilyError for a model we cannot split."""
     if mode not in MODES:
         raise ValueError(f"mode {mode!r} is not allowed; choose one of: {', '.join(MODES)}")
+    request = CompileRequest(backend=backend, mode=None if mode == "default" else mode)
     if has_apply_model_wrapper(model, STREAMING_KEY):
-        raise CompileConflict(
-            "CompileModelBlocks: this model's blocks are streamed by ChunkedOffloadUNet, which runs them through "
-            "hooks that a compiled block would bypass. Use one of the two: ChunkedOffloadUNet when the model does "
-            "not fit in VRAM, CompileModelBlocks when it does.")
+        clone = model.clone()
+        clone.attachments[COMPILE_ATTACHMENT] = request
+        log.info("LowVRAM Kit CompileModelBlocks: the blocks are streamed by ChunkedOffloadUNet, which will compile "
+                 "each block's forward (%s) when it attaches, its transfers staying outside the graphs",
+                 request.describe())
+        return clone
     try:
         from comfy_api.torch_helpers import set_torch_compile_wrapper
     except ImportError as e:
@@ -59,8 +61,10 @@ def compile_blocks(model, mode: str = "default", backend: str = "inductor"):
                  "that compile is replaced by block-wise compilation")
     clone = model.clone()
     keys = block_keys(clone)
-    set_torch_compile_wrapper(model=clone, backend=backend, mode=None if mode == "default" else mode, keys=keys)
-    log.info("LowVRAM Kit CompileModelBlocks: %d blocks will be compiled (%s, mode %s) at the first step; the "
-             "first run of each block kind and latent size compiles (tens of seconds), later runs reuse it",
-             len(keys), backend, mode)
+    set_torch_compile_wrapper(model=clone, backend=backend, mode=request.mode, keys=keys)
+    # A ChunkedOffloadUNet put after this node replaces the wrapper with its own per-forward compile.
+    clone.attachments[COMPILE_ATTACHMENT] = request
+    log.info("LowVRAM Kit CompileModelBlocks: %d blocks will be compiled (%s) at the first step; the first run of "
+             "each block kind and latent size compiles (tens of seconds), later runs reuse it",
+             len(keys), request.describe())
     return clone

@@ -21,6 +21,9 @@ How the two never manage the same weights, using ComfyUI's own patcher mechanism
   the floor (largest transfer group x slots + activations + margin, offload.floor: the planner's own
   numbers) for the latent shape and batch of this sampling (x2 when CFG runs the negative): an explicit
   budget before anything loads, auto (free VRAM) once ComfyUI has loaded the rest of the model.
+- CompileModelBlocks before or after this node: its request rides on the patcher (an attachment); the
+  session compiles each block's class `forward` while attached (nodes._compiled_forwards), so the hooks
+  that stream stay eager around the compiled graphs, and removes them on detach.
 - An ON_DETACH callback (ComfyUI unloading the model) and any exception during sampling (a refusal, a
   cancelled prompt, an OOM) detach the streamer: device slots, pinned pages and hooks are released. On an
   unload the packed host buffers (the blocks' host weights, unpinned) wait in PARKED_HOSTS, so the next
@@ -46,6 +49,7 @@ from ..offload import DEFAULT_MARGIN_BYTES, BudgetTooSmall, Floor, OffloadConfig
 from ..offload.api import plan_for
 from ..offload.config import fmt_bytes
 from ..offload.packing import block_nbytes
+from . import _compiled_forwards as compiled_forwards
 from . import _vram_registry as guard
 from ._block_times import BlockTimes, times_key
 from ._vram_comfy import uses_cfg
@@ -190,6 +194,9 @@ class BlockStreamingSession:
                                        seconds_per_block=seconds_per_block, resident_values=resident or None,
                                        adopt_hosts=adopt_hosts)
         self.apply_streamed_patches(patches)
+        request = self.compile_request(patcher)
+        if request is not None:
+            compiled_forwards.install(self.blocks, request)
         patcher.model.model_loaded_weight_memory += self.streamer.device_bytes
         self.attached_for = weakref.ref(patcher)
         self.plan_text = self.streamer.plan.describe()
@@ -212,6 +219,7 @@ class BlockStreamingSession:
         model = self.patcher.model
         model.model_loaded_weight_memory = max(0, model.model_loaded_weight_memory - streamer.device_bytes)
         t0 = time.perf_counter()
+        compiled_forwards.remove(self.blocks)
         hosts = streamer.detach(keep_hosts=keep_hosts, unpin_kept=unpin_kept)
         self.clear_weight_patches()
         seconds = time.perf_counter() - t0
@@ -232,6 +240,11 @@ class BlockStreamingSession:
         hosts = self.detach(why, keep_hosts=True, unpin_kept=True)
         if hosts:
             PARKED_HOSTS[self.blocks[0]] = hosts
+
+    @staticmethod
+    def compile_request(patcher):
+        """CompileModelBlocks' request on the patcher running now (None: the blocks run eager)."""
+        return getattr(patcher, "attachments", {}).get(compiled_forwards.COMPILE_ATTACHMENT)
 
     def clear_weight_patches(self) -> None:
         for m in self.block_modules():
@@ -273,15 +286,18 @@ class BlockStreamingSession:
 
     # ---- wrappers ------------------------------------------------------------------------------------
     def apply_model_wrapper(self, executor, x, *args, **kwargs):
-        shape_key = (str(x.device), tuple(x.shape))
+        # The patcher running now may be a later clone of ours (a LoRA loader or CompileModelBlocks after this
+        # node): its patches and compile request are the ones to apply. ComfyUI sets BaseModel.current_patcher
+        # before sampling.
+        running = getattr(executor.class_obj, "current_patcher", None) or self.patcher
+        compiled = self.compile_request(running) is not None
+        shape_key = (str(x.device), tuple(x.shape), compiled)
         if self.streamer is None:
-            # The patcher running now may be a later clone of ours (a LoRA loader after this node): its
-            # patches are the ones to apply. ComfyUI sets BaseModel.current_patcher before sampling.
-            patcher = getattr(executor.class_obj, "current_patcher", None) or self.patcher
+            patcher = running
             timed_here = x.device.type in self.timed_devices
             known = self.block_seconds.get(shape_key)
             if known is None and timed_here:
-                known = self.block_seconds[shape_key] = self.times_store.get(self.times_key(x))
+                known = self.block_seconds[shape_key] = self.times_store.get(self.times_key(x, compiled))
             self.attach(patcher, x.device, x.shape, seconds_per_block=known)
             self.timing = None if known is not None or not timed_here else PendingTiming(shape_key, patcher)
         timing = self.timing
@@ -306,15 +322,17 @@ class BlockStreamingSession:
                      blocks_compute_s=None if seconds is None else round(sum(seconds), 4))
         if seconds is not None:
             self.block_seconds[shape_key] = seconds
-            self.times_store.put(self.times_key(x), seconds)
+            self.times_store.put(self.times_key(x, compiled), seconds)
         self.replan(patcher, x, seconds)
         return out
 
-    def times_key(self, x) -> str:
-        """This model's blocks, this GPU and this latent shape, as the block-time file names them."""
+    def times_key(self, x, compiled: bool = False) -> str:
+        """This model's blocks, this GPU and this latent shape, as the block-time file names them; compiled
+        blocks compute faster than eager ones, so their times are kept apart."""
         device = x.device
         name = torch.cuda.get_device_name(device) if device.type == "cuda" else device.type
-        return times_key(self.family.name, self.block_bytes, name, tuple(x.shape))
+        family = self.family.name + ("+compiled" if compiled else "")
+        return times_key(family, self.block_bytes, name, tuple(x.shape))
 
     def replan(self, patcher, x, seconds_per_block) -> None:
         if seconds_per_block is None or self.streamer is None:
@@ -462,13 +480,19 @@ def has_apply_model_wrapper(patcher, key: str) -> bool:
 
 
 def stream_blocks(model, settings: StreamingSettings):
-    """A clone of `model` whose blocks stream within the budget; raises UnknownFamilyError for others."""
-    if has_apply_model_wrapper(model, COMPILE_KEY):
+    """A clone of `model` whose blocks stream within the budget; raises UnknownFamilyError for others.
+
+    A model compiled by CompileModelBlocks keeps being compiled: ComfyUI's module-swapping wrapper is taken off
+    the clone and the session compiles each block's forward at attach instead (nodes._compiled_forwards)."""
+    compile_request = getattr(model, "attachments", {}).get(compiled_forwards.COMPILE_ATTACHMENT)
+    if has_apply_model_wrapper(model, COMPILE_KEY) and compile_request is None:
         raise ValueError(
-            "ChunkedOffloadUNet: this model is compiled (CompileModelBlocks or ComfyUI's TorchCompileModel), and "
-            "compiled blocks would bypass the hooks that stream them. Put the compile node only on models that "
-            "stay in VRAM, or remove it here.")
+            "ChunkedOffloadUNet: this model is compiled as a whole (ComfyUI's TorchCompileModel), and the compiled "
+            "model would bypass the hooks that stream its blocks. Use CompileModelBlocks instead (before or after "
+            "this node): it compiles block by block, which streaming supports.")
     clone = model.clone()
+    if compile_request is not None:
+        clone.remove_wrappers_with_key(WrappersMP.APPLY_MODEL, COMPILE_KEY)
     session = BlockStreamingSession(clone, settings)
     session.install()
     clone.attachments[KEY] = session  # VRAMGuard reads the plan here; clones share the session

@@ -13,9 +13,13 @@ log = logging.getLogger("lowvram")
 class CompileModelBlocks:
     DESCRIPTION = ("Compiles each block of the diffusion model (Flux double/single blocks, Next-DiT layers, SDXL "
                    "UNet blocks) with torch.compile, through ComfyUI's own compile wrapper. Unlike compiling the "
-                   "whole model, each compiled block computes exactly what the eager block does. The first run "
-                   "of each resolution compiles for tens of seconds. For models that stay in VRAM (not with "
-                   "ChunkedOffloadUNet). On a machine without a GPU it passes the model through unchanged.")
+                   "whole model, nothing outside the blocks is compiled: bf16 blocks compute exactly what eager "
+                   "blocks do; in fp8 blocks the activation quantization fuses with the ops before it, which moved "
+                   "Flux-dev's output by about half of fp8's own error. On an H200, Float8DiTLoader's Flux-dev ran "
+                   "at 0.63x the time of ComfyUI bf16 with it, 0.84x without. The first run of each resolution "
+                   "compiles for tens of seconds. Works with ChunkedOffloadUNet in either order (the streamer then "
+                   "compiles each block's forward, its transfers staying outside). On a machine without a GPU it "
+                   "passes the model through unchanged.")
     CATEGORY = "lowvram/patches"
     FUNCTION = "patch"
     RETURN_TYPES = ("MODEL",)

@@ -139,6 +139,38 @@ def test_streaming_with_lora_is_bit_identical_to_lora_without_streaming(comfy, a
     assert torch.equal(sample(comfy, model), base)
 
 
+@pytest.mark.parametrize("order", ["compile_then_stream", "stream_then_compile"])
+def test_compiled_blocks_stream_bit_identically(comfy, adapters, flux_fp8, order, comfy_cleanup):
+    """CompileModelBlocks with ChunkedOffloadUNet, in either order: the streamer compiles each block's forward
+    (backend aot_eager here: dynamo and AOTAutograd, no code generation) with its hooks outside the graphs.
+    The output equals the compiled model without streaming, bit for bit; the forwards are removed on unload."""
+    blocks_compile = importlib.import_module("lowvram_kit.nodes.comfy_block_compile")
+    forwards = importlib.import_module("lowvram_kit.nodes._compiled_forwards")
+    torch._dynamo.reset()
+    ref = sample(comfy, blocks_compile.compile_blocks(flux_fp8, backend="aot_eager"))
+    comfy.model_management.unload_all_models()
+    if order == "compile_then_stream":
+        model, session = streamed(adapters, blocks_compile.compile_blocks(flux_fp8, backend="aot_eager"),
+                                  partial_budget(flux_fp8))
+    else:
+        clone, session = streamed(adapters, flux_fp8, partial_budget(flux_fp8))
+        model = blocks_compile.compile_blocks(clone, backend="aot_eager")
+    seen = []
+    from comfy.patcher_extension import WrappersMP
+
+    def spy(executor, *args, **kwargs):   # inside the streaming wrapper's call: attached, forwards installed
+        seen.append([forwards.installed(b) for b in session.blocks])
+        return executor(*args, **kwargs)
+    model.add_wrapper_with_key(WrappersMP.DIFFUSION_MODEL, "test_spy", spy)
+    out = sample(comfy, model)
+    assert session.streamer is not None and session.streamer.plan.streamed_groups, session.plan_text
+    assert seen and all(all(flags) for flags in seen)
+    assert torch.equal(out, ref)
+    comfy.model_management.unload_all_models()
+    assert session.streamer is None and not any(forwards.installed(b) for b in session.blocks)
+    torch._dynamo.reset()
+
+
 def test_unknown_model_class_is_named(adapters):
     streaming, _ = adapters
 

@@ -1,5 +1,6 @@
 """CompileModelBlocks (in-process, CPU): every block of a tiny Flux compiled through ComfyUI's own compile
-wrapper, the output bit-identical to the eager model, and the refusals of the ChunkedOffloadUNet pairing.
+wrapper, the output bit-identical to the eager model, and how it pairs with ChunkedOffloadUNet (the bit-exact
+streaming of compiled blocks is in test_block_streaming.py).
 
 torch.compile runs with backend "aot_eager" here (dynamo and AOTAutograd, no code generation): what these
 tests check is that the compiled modules are the ones ComfyUI runs for each block, that nothing outside the
@@ -23,7 +24,8 @@ def pack(comfy):
     return types.SimpleNamespace(
         compile=importlib.import_module("lowvram_kit.nodes.comfy_block_compile"),
         streaming=importlib.import_module("lowvram_kit.nodes.comfy_block_streaming"),
-        node=importlib.import_module("lowvram_kit.nodes.compile_model_blocks"))
+        node=importlib.import_module("lowvram_kit.nodes.compile_model_blocks"),
+        forwards=importlib.import_module("lowvram_kit.nodes._compiled_forwards"))
 
 
 @pytest.fixture(scope="module")
@@ -69,14 +71,27 @@ def test_every_block_is_compiled_and_the_output_is_unchanged(pack, flux, comfy_c
     assert not flux.get_wrappers(WrappersMP.APPLY_MODEL, pack.compile.COMPILE_KEY)   # the input is untouched
 
 
-def test_streaming_and_compiling_refuse_each_other(pack, flux):
+def test_a_whole_model_compile_is_refused_by_streaming_and_block_compiles_compose(pack, flux):
+    from comfy.patcher_extension import WrappersMP
+    from comfy_api.torch_helpers import set_torch_compile_wrapper
+
     settings = pack.streaming.StreamingSettings(1 << 30, 0, 0, False)
-    streamed, _session = pack.streaming.stream_blocks(flux, settings)
-    with pytest.raises(pack.compile.CompileConflict, match="ChunkedOffloadUNet.*Use one of the two"):
-        pack.compile.compile_blocks(streamed, backend="aot_eager")
-    compiled = pack.compile.compile_blocks(flux, backend="aot_eager")
-    with pytest.raises(ValueError, match="compiled blocks would bypass the hooks"):
-        pack.streaming.stream_blocks(compiled, settings)
+    whole = flux.clone()
+    set_torch_compile_wrapper(model=whole, backend="aot_eager")   # what ComfyUI's TorchCompileModel does
+    with pytest.raises(ValueError, match="compiled as a whole.*Use CompileModelBlocks instead"):
+        pack.streaming.stream_blocks(whole, settings)
+    # CompileModelBlocks after streaming: only the request is attached, no module-swapping wrapper
+    streamed, session = pack.streaming.stream_blocks(flux, settings)
+    compiled = pack.compile.compile_blocks(streamed, backend="aot_eager")
+    assert compiled.attachments[pack.forwards.COMPILE_ATTACHMENT].backend == "aot_eager"
+    assert not compiled.get_wrappers(WrappersMP.APPLY_MODEL, pack.compile.COMPILE_KEY)
+    assert session.compile_request(compiled) is not None and session.compile_request(streamed) is None
+    # ... and before it: streaming takes ComfyUI's wrapper off its clone, keeping the request
+    first = pack.compile.compile_blocks(flux, backend="aot_eager")
+    assert first.get_wrappers(WrappersMP.APPLY_MODEL, pack.compile.COMPILE_KEY)
+    then, _ = pack.streaming.stream_blocks(first, settings)
+    assert not then.get_wrappers(WrappersMP.APPLY_MODEL, pack.compile.COMPILE_KEY)
+    assert then.attachments[pack.forwards.COMPILE_ATTACHMENT] == first.attachments[pack.forwards.COMPILE_ATTACHMENT]
 
 
 def test_an_unknown_mode_is_refused_and_the_cpu_node_passes_through(pack, flux):

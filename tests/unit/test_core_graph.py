@@ -28,3 +28,15 @@ def test_pack_nodes_are_replaced_and_links_follow_removed_nodes():
 def test_newbie_dit_loader_becomes_a_default_unet_loader():
     core = to_core({"1": {"class_type": "NewBieDiTLoader", "inputs": {"unet_name": "n.safetensors", "weight_dtype": "default"}}})
     assert core["1"]["inputs"] == {"unet_name": "n.safetensors", "weight_dtype": "default"}
+
+
+def test_a_compile_node_is_inserted_after_the_offload_node_with_its_consumers_rewired():
+    import copy
+
+    from bench.workflows_e2e import insert_after
+
+    api = copy.deepcopy(GRAPH)
+    new = insert_after(api, "ChunkedOffloadUNet", "CompileModelBlocks", {"mode": "default"})
+    assert new == "9" and api["9"] == {"class_type": "CompileModelBlocks", "inputs": {"model": ["2", 0], "mode": "default"}}
+    assert api["3"]["inputs"]["model"] == ["9", 0]   # VRAMGuard now takes the compiled clone
+    assert api["4"]["inputs"]["model"] == ["3", 0]
