@@ -10,6 +10,7 @@
 #   flux_e2e       Flux 8 GB workflow (tier, core; tier again after a warm-up start), flux_dev_24gb's ladder
 #   zimage_e2e     Z-Image-Turbo 16 GB workflow with its LoRA (tier, core)
 #   fp8_compile    issue #3: ComfyUI bf16, ComfyUI bf16 + TorchCompileModel, ours fp8 (+ TorchCompileModel)
+#   launch_bound   host time to issue one Flux step of eager fp8 linears, with and without an NVML polling thread
 #   blocks_compile issue #3: ComfyUI bf16, ours fp8 eager and with CompileModelBlocks (rel L2 to eager)
 #   newbie_extra   issue #7: the NewBie pipeline in 6 GiB with fp8 and with NF4 text encoders
 #   calibrate      issue #6: VRAMGuard's estimator on NewBie and SDXL (decode refit, split batches)
@@ -61,6 +62,8 @@ for round in "$@"; do
             run 400 blocks_compile python3 -m bench.fp8_flux --models-dir "$M" --out-dir "$OUT" \
                 --comfy-modes comfy_bf16 --ours-modes ours_fp8_token --extras blocks_compile \
                 --no-micro --load-repeats 1 --time-budget-s 380 ;;
+        launch_bound)   # is the eager fp8 Linear bound by the host? (no model files; about 30 s)
+            run 100 launch_bound python3 -m bench.eager_launch_bound --out-dir "$OUT" ;;
         newbie_extra)   # fp8, NF4 and NF4 + CompileModelBlocks text-to-image in 6 GiB
             run 300 newbie_extra "${e2e[@]}" --workflows newbie_12gb --parts extra --cleanup ;;
         offload_flux)   # issue #4: ComfyUI core and ours (eager and CompileModelBlocks) at 12/8/6/4 GiB
