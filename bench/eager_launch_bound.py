@@ -112,7 +112,8 @@ def main(argv=None) -> int:
         print(f"{r['layers']:15s} nvml thread {str(r['nvml_thread']):5s}: issue {r['issue_s'] * 1e3:7.2f} ms, "
               f"wall {r['wall_s'] * 1e3:7.2f} ms, issue/wall {r['issue_over_wall']:.2f}", flush=True)
     env = {**host_environment(None), **device_environment(dev)}
-    out = Path(a.out_dir) / f"eager_launch_bound_{slug(env.get('device_name') or 'cuda')}_{time.strftime('%Y-%m-%dT%H%M', time.gmtime())}.json"
+    stamp = time.strftime("%Y-%m-%dT%H%M", time.gmtime())
+    out = Path(a.out_dir) / f"eager_launch_bound_{slug(env.get('device_name') or 'cuda')}_{stamp}.json"
     write_json(out, {"benchmark": "eager_launch_bound", "finished": utc_now(), "environment": env,
                      "command": env.get("command"), "layers_per_step": len(shapes), "rows": rows})
     print(f"results: {out}")

@@ -46,10 +46,10 @@ def dynamo_counts() -> dict:
     share one graph across instances and budgets, as they should)."""
     import torch._dynamo.utils as dynamo_utils
 
-    stats = dynamo_utils.counters["stats"]
-    return {"unique_graphs": int(stats["unique_graphs"]), "recompiles": int(dynamo_utils.counters["recompiles"].total()
-            if hasattr(dynamo_utils.counters["recompiles"], "total") else sum(dynamo_utils.counters["recompiles"].values())),
-            "graph_breaks": int(sum(dynamo_utils.counters["graph_break"].values()))}
+    counters = dynamo_utils.counters
+    return {"unique_graphs": int(counters["stats"]["unique_graphs"]),
+            "recompiles": int(sum(counters["recompiles"].values())),
+            "graph_breaks": int(sum(counters["graph_break"].values()))}
 
 
 def ours(model_path: str, rows_path: str, budgets: list[str], steps: int, smoke: bool, act_quants: list[str],

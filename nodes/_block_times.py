@@ -8,7 +8,8 @@ restart the first load plans with them at once.
     store = BlockTimes(path)
     key = times_key("flux", block_bytes, "NVIDIA H200", (1, 16, 128, 128))
     store.get(key)            # None, or [seconds per block]
-    store.put(key, seconds)   # written atomically; a damaged or foreign file is replaced, never trusted
+    store.put(key, seconds, activation_bytes=n)   # written atomically; a damaged file is replaced, never trusted
+    store.get_activation(key) # None, or the device bytes the timed step's activations took (allocator slack in)
 """
 from __future__ import annotations
 
@@ -37,17 +38,22 @@ class BlockTimes:
         self.path = None if path is None else os.fspath(path)
         self._lock = threading.Lock()
 
-    def _read(self) -> dict:
+    def _read_all(self) -> tuple[dict, dict]:
+        """(times, activation bytes) by key; the second map came later, so a file without it is still valid."""
         if self.path is None or not os.path.exists(self.path):
-            return {}
+            return {}, {}
         try:
             with open(self.path, encoding="utf-8") as f:
                 data = json.load(f)
             if data.get("version") == FILE_VERSION and isinstance(data.get("times"), dict):
-                return data["times"]
+                act = data.get("activation_bytes")
+                return data["times"], act if isinstance(act, dict) else {}
         except (OSError, ValueError, AttributeError) as e:
             log.warning("LowVRAM Kit: ignoring the block-time file %s (%s); it will be rewritten", self.path, e)
-        return {}
+        return {}, {}
+
+    def _read(self) -> dict:
+        return self._read_all()[0]
 
     def get(self, key: str) -> list[float] | None:
         with self._lock:
@@ -56,21 +62,31 @@ class BlockTimes:
             return [float(s) for s in found]
         return None
 
-    def put(self, key: str, seconds: list[float]) -> None:
+    def get_activation(self, key: str) -> int | None:
+        with self._lock:
+            found = self._read_all()[1].get(key)
+        return int(found) if isinstance(found, int) and not isinstance(found, bool) and found >= 0 else None
+
+    def put(self, key: str, seconds: list[float], activation_bytes: int | None = None) -> None:
         if self.path is None:
             return
         with self._lock:
-            times = self._read()
+            times, activations = self._read_all()
             times.pop(key, None)
+            activations.pop(key, None)
             times[key] = [round(float(s), 7) for s in seconds]
+            if activation_bytes is not None:
+                activations[key] = int(activation_bytes)
             while len(times) > MAX_ENTRIES:
+                activations.pop(next(iter(times)), None)
                 times.pop(next(iter(times)))
             folder, tmp = os.path.dirname(self.path) or ".", None
             try:
                 os.makedirs(folder, exist_ok=True)
                 fd, tmp = tempfile.mkstemp(prefix=".block_times.", dir=folder)
                 with os.fdopen(fd, "w", encoding="utf-8") as f:
-                    json.dump({"version": FILE_VERSION, "times": times}, f)
+                    json.dump({"version": FILE_VERSION, "times": times,
+                               **({"activation_bytes": activations} if activations else {})}, f)
                 os.replace(tmp, self.path)
             except OSError as e:   # a read-only user folder only costs the timing pass after a restart
                 log.warning("LowVRAM Kit: could not save block times to %s (%s)", self.path, e)

@@ -122,8 +122,11 @@ class Placements:
         self.card_bytes = card_bytes           # free + reclaimable: what ComfyUI would see for this prompt
         self.weight_bytes = weight_stats(patcher)[0]
         shape = [images_per_call] + list(noise_shape[1:])
-        # ComfyUI's own activation estimate: the streamer plans with it; ComfyUI loads leaving it free.
-        self.comfy_activation = int(patcher.model.memory_required(shape))
+        # The activations the streamer plans with: ComfyUI's own estimate (ComfyUI loads leaving it free), or
+        # what a timed step of this model and shape measured (ChunkedOffloadUNet keeps it).
+        planned = getattr(self.session, "activation_to_plan", None)   # (a stand-in session may have none)
+        self.comfy_activation = (planned(patcher, self.device, shape) if planned is not None
+                                 else int(patcher.model.memory_required(shape)))
         self.noise_shape = tuple(noise_shape)
         self.block_bytes = block_nbytes(self.session.blocks) if self.session is not None else []
         self.margin = DEFAULT_MARGIN_BYTES

@@ -10,9 +10,11 @@ How the two never manage the same weights, using ComfyUI's own patcher mechanism
   load, on the device of the input, within the budget (the first time for a latent shape, it times the
   blocks in the second call, the first one being warm-up, and plans again with the times; later loads,
   after a server restart too, plan with the times kept in <user folder>/lowvram_kit/block_times.json at
-  once): resident groups go to the GPU once, the rest are packed into pinned host buffers and prefetched
-  on a side stream by forward hooks on the blocks. It adds the streamer's device bytes to the model's
-  loaded-weight count, so ComfyUI frees and plans knowing them.
+  once). The timed call also reads the device memory its activations took (StepMemory: allocator slack
+  included), and later plans reserve that, +10%, instead of ComfyUI's estimate (compiled blocks need less,
+  some eager ones more); it is kept in the same file. Resident groups go to the GPU once, the rest are
+  packed into pinned host buffers and prefetched on a side stream by forward hooks on the blocks. It adds
+  the streamer's device bytes to the model's loaded-weight count, so ComfyUI frees and plans knowing them.
 - LoRA and other weight patches of block weights are computed with the math of ComfyUI's whole-model
   load (_weight_patches): merged once into the device copy of resident blocks when the streamer puts
   them there, and per call (a weight function, as ComfyUI does for its own offloaded layers) for
@@ -31,6 +33,7 @@ How the two never manage the same weights, using ComfyUI's own patcher mechanism
 """
 from __future__ import annotations
 
+import contextlib
 import functools
 import logging
 import math
@@ -61,6 +64,9 @@ KEY = "lowvram_block_streaming"
 COMPILE_KEY = "torch.compile"   # the APPLY_MODEL wrapper key of ComfyUI's torch.compile helper
 # Model calls after an attach that run untimed before the blocks are timed: the first pays one-time costs.
 WARMUP_CALLS = 1
+# The measured device memory of a step's activations (with the allocator's slack) is planned with this much
+# on top: a re-plan changes slot sizes, and with them how the caching allocator's segments fit.
+MEASURED_ACTIVATION_SAFETY = 1.10
 GiB = 1 << 30
 WIDGET_STEP_GIB = 0.25  # vram_budget_gb's step: a suggested budget is rounded up to it
 
@@ -148,6 +154,10 @@ class BlockStreamingSession:
         self.timed_devices = ("cuda",)  # where CUDA events can time blocks (tests add "cpu" with fake events)
         self.timing = None  # PendingTiming after an attach without known block times
         self.new_event = None  # BlockTimer's event factory; None = torch.cuda.Event
+        # Per shape key: the device bytes a timed step's activations took (allocator slack included), which
+        # replaces ComfyUI's estimate in later plans; and how a step's memory is read (tests: on the CPU).
+        self.activation_measured: dict[tuple, int | None] = {}
+        self.memory_probe = StepMemory.for_device
 
     @functools.cached_property
     def block_bytes(self) -> list[int]:
@@ -177,12 +187,14 @@ class BlockStreamingSession:
     def free_bytes(device) -> int:
         return int(comfy.model_management.get_free_memory(device))
 
-    def attach(self, patcher, device, x_shape, seconds_per_block=None, adopt_hosts=None) -> None:
-        act = activation_bytes(patcher.model, x_shape)
+    def attach(self, patcher, device, x_shape, seconds_per_block=None, adopt_hosts=None,
+               measured_activation_bytes=None) -> None:
+        act = planned_activation_bytes(activation_bytes(patcher.model, x_shape), measured_activation_bytes)
         config = OffloadConfig(budget_bytes=max(1, self.budget_bytes(device)),
                                chunk_size=self.settings.chunk_size, prefetch=self.settings.prefetch,
                                pin_memory=self.settings.pin_memory)
         self.config, self.activation_bytes = config, act
+        self.estimated_activation_bytes = activation_bytes(patcher.model, x_shape)
         patches = self.block_patches(patcher.patches)
         resident = ResidentPatches()
         for p in patches:
@@ -241,6 +253,18 @@ class BlockStreamingSession:
         if hosts:
             PARKED_HOSTS[self.blocks[0]] = hosts
 
+    def activation_to_plan(self, patcher, device, shape) -> int:
+        """The activation bytes the next plan for model calls of `shape` on `device` reserves: the measured
+        ones (+10%) when a timed step of this model, GPU, shape and compile state read them, else ComfyUI's
+        estimate. VRAMGuard and the floor check use it, so that they count what the planner will."""
+        device = torch.device(device)
+        key = (str(device), tuple(int(d) for d in shape), self.compile_request(patcher) is not None)
+        if key not in self.activation_measured and device.type in self.timed_devices:
+            self.activation_measured[key] = self.times_store.get_activation(
+                self.times_key_for(device, key[1], key[2]))
+        return planned_activation_bytes(activation_bytes(patcher.model, list(shape)),
+                                        self.activation_measured.get(key))
+
     @staticmethod
     def compile_request(patcher):
         """CompileModelBlocks' request on the patcher running now (None: the blocks run eager)."""
@@ -297,9 +321,14 @@ class BlockStreamingSession:
             timed_here = x.device.type in self.timed_devices
             known = self.block_seconds.get(shape_key)
             if known is None and timed_here:
-                known = self.block_seconds[shape_key] = self.times_store.get(self.times_key(x, compiled))
-            self.attach(patcher, x.device, x.shape, seconds_per_block=known)
-            self.timing = None if known is not None or not timed_here else PendingTiming(shape_key, patcher)
+                key = self.times_key(x, compiled)
+                known = self.block_seconds[shape_key] = self.times_store.get(key)
+                self.activation_measured[shape_key] = self.times_store.get_activation(key)
+            measured = self.activation_measured.get(shape_key)
+            self.attach(patcher, x.device, x.shape, seconds_per_block=known, measured_activation_bytes=measured)
+            # A step is timed (and its memory read) when either is not known yet for this shape on this GPU.
+            untimed = known is None or (measured is None and self.memory_probe(x.device) is not None)
+            self.timing = PendingTiming(shape_key, patcher) if timed_here and untimed else None
         timing = self.timing
         if timing is None or timing.shape_key != shape_key:
             return executor(x, *args, **kwargs)
@@ -315,35 +344,49 @@ class BlockStreamingSession:
         # the planner assumes transfers dominate and keeps a resident prefix; with them it can spread
         # resident blocks so that copies keep flowing while they compute.
         t0 = time.perf_counter()
-        with BlockTimer(self.blocks, self.new_event) as timer:
+        probe = self.memory_probe(x.device)
+        with BlockTimer(self.blocks, self.new_event) as timer, (probe or contextlib.nullcontext()):
             out = executor(x, *args, **kwargs)
         seconds = timer.seconds()
+        measured = probe.activation_bytes if probe is not None else None
         guard.timing("a warm step, blocks timed", time.perf_counter() - t0,
-                     blocks_compute_s=None if seconds is None else round(sum(seconds), 4))
+                     blocks_compute_s=None if seconds is None else round(sum(seconds), 4),
+                     activation_gib_measured=None if measured is None else round(measured / GiB, 3),
+                     activation_gib_estimated=round(self.estimated_activation_bytes / GiB, 3))
         if seconds is not None:
             self.block_seconds[shape_key] = seconds
-            self.times_store.put(self.times_key(x, compiled), seconds)
-        self.replan(patcher, x, seconds)
+            self.activation_measured[shape_key] = measured
+            self.times_store.put(self.times_key(x, compiled), seconds, activation_bytes=measured)
+        self.replan(patcher, x, seconds, measured)
         return out
 
     def times_key(self, x, compiled: bool = False) -> str:
+        return self.times_key_for(x.device, tuple(x.shape), compiled)
+
+    def times_key_for(self, device, shape, compiled: bool = False) -> str:
         """This model's blocks, this GPU and this latent shape, as the block-time file names them; compiled
         blocks compute faster than eager ones, so their times are kept apart."""
-        device = x.device
+        device = torch.device(device)
         name = torch.cuda.get_device_name(device) if device.type == "cuda" else device.type
         family = self.family.name + ("+compiled" if compiled else "")
-        return times_key(family, self.block_bytes, name, tuple(x.shape))
+        return times_key(family, self.block_bytes, name, tuple(shape))
 
-    def replan(self, patcher, x, seconds_per_block) -> None:
+    def replan(self, patcher, x, seconds_per_block, measured_activation_bytes=None) -> None:
         if seconds_per_block is None or self.streamer is None:
             return
         old = self.streamer.plan
-        new = plan_for(self.config, self.block_bytes, self.activation_bytes, seconds_per_block)
+        act = planned_activation_bytes(self.estimated_activation_bytes, measured_activation_bytes)
+        new = plan_for(self.config, self.block_bytes, act, seconds_per_block)
         if (new.groups, new.resident, new.prefetch) == (old.groups, old.resident, old.prefetch):
             return
         # The groups that stay streamed keep their packed, pinned host buffers: only what changed is redone.
         hosts = self.detach("re-planning with measured compute times", keep_hosts=True)
-        self.attach(patcher, x.device, x.shape, seconds_per_block=seconds_per_block, adopt_hosts=hosts)
+        if x.device.type == "cuda":
+            # The timed step's activations sit in the caching allocator's free segments; the new resident
+            # arena is a different size, so give them back first rather than allocate beside them.
+            torch.cuda.empty_cache()
+        self.attach(patcher, x.device, x.shape, seconds_per_block=seconds_per_block, adopt_hosts=hosts,
+                    measured_activation_bytes=measured_activation_bytes)
 
     def outer_sample_wrapper(self, executor, *args, **kwargs):
         guider = executor.class_obj  # CFGGuider (or a subclass): its cfg says whether the negative runs
@@ -375,8 +418,8 @@ class BlockStreamingSession:
         call sees 2 x the latent batch: [2B, C, H, W]; the first step's plan is made for that shape."""
         shape = [noise_shape[0] * (2 if self.cfg_doubles else 1), *noise_shape[1:]]
         s = self.settings
-        low = floor(self.block_bytes, activation_bytes(patcher.model, shape), chunk_size=s.chunk_size,
-                    prefetch=s.prefetch, margin_bytes=DEFAULT_MARGIN_BYTES)
+        low = floor(self.block_bytes, self.activation_to_plan(patcher, patcher.load_device, shape),
+                    chunk_size=s.chunk_size, prefetch=s.prefetch, margin_bytes=DEFAULT_MARGIN_BYTES)
         return low, shape
 
     def check_floor(self, patcher, noise_shape, budget_bytes: int) -> None:
@@ -411,6 +454,36 @@ class BlockStreamingSession:
             f"{list(shape)} ({batch}): {low.describe()}. Nothing was run. The smallest budget that works is "
             f"{low.budget_bytes} bytes ({low.budget_bytes / GiB:.2f} GiB); to run, {'; or '.join(fixes)}.{note}"
         )
+
+
+def planned_activation_bytes(estimated: int, measured: int | None) -> int:
+    """What a plan reserves for activations: the measured bytes of a warm step with MEASURED_ACTIVATION_SAFETY
+    on top once known (smaller than ComfyUI's estimate for compiled blocks, larger for some eager ones), else
+    ComfyUI's estimate (BaseModel.memory_required)."""
+    return estimated if measured is None else int(measured * MEASURED_ACTIVATION_SAFETY)
+
+
+class StepMemory:
+    """Device bytes one model call needs beyond what is allocated when it starts: activations plus the caching
+    allocator's slack, i.e. what NVML sees it add. The cache is emptied first, so reserved memory at the end
+    (it only grows within a call) minus allocated memory at the start is the call's own footprint."""
+
+    def __init__(self, device):
+        self.device, self.start, self.activation_bytes = device, 0, None
+
+    @classmethod
+    def for_device(cls, device):
+        """A probe where the device has a caching allocator to read (CUDA), else None."""
+        return cls(device) if torch.device(device).type == "cuda" else None
+
+    def __enter__(self):
+        torch.cuda.empty_cache()
+        self.start = torch.cuda.memory_allocated(self.device)
+        return self
+
+    def __exit__(self, exc_type, *exc):
+        if exc_type is None:
+            self.activation_bytes = max(0, torch.cuda.memory_reserved(self.device) - self.start)
 
 
 @dataclass

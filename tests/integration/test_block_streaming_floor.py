@@ -222,12 +222,12 @@ def test_block_times_are_measured_once_per_latent_shape(pack, flux, comfy_cleanu
 
     monkeypatch.setattr(pack.streaming, "offload_blocks", counting)
     run(clone, cfg=1.0, steps=1)   # one model call: the warm-up, never timed (it compiles kernels on a GPU)
-    assert calls == [None] and session.block_seconds == {("cpu", (1, 16, SIDE, SIDE)): None}
+    assert calls == [None] and session.block_seconds == {("cpu", (1, 16, SIDE, SIDE), False): None}
     mm.unload_all_models()
     calls.clear()
     out = run(clone, cfg=1.0)
-    assert calls[0] is None and list(session.block_seconds) == [("cpu", (1, 16, SIDE, SIDE))]
-    seconds = session.block_seconds[("cpu", (1, 16, SIDE, SIDE))]
+    assert calls[0] is None and list(session.block_seconds) == [("cpu", (1, 16, SIDE, SIDE), False)]
+    seconds = session.block_seconds[("cpu", (1, 16, SIDE, SIDE), False)]
     assert seconds == [0.001] * len(session.blocks)
     first = len(calls)
     mm.unload_all_models()
@@ -236,7 +236,7 @@ def test_block_times_are_measured_once_per_latent_shape(pack, flux, comfy_cleanu
     assert calls[first:] == [seconds], "a later load re-timed or re-planned"
     mm.unload_all_models()
     run(clone, cfg=3.0)  # cond and uncond in one call: [2, 16, 8, 8], a shape not timed yet
-    assert set(session.block_seconds) == {("cpu", (1, 16, SIDE, SIDE)), ("cpu", (2, 16, SIDE, SIDE))}
+    assert set(session.block_seconds) == {("cpu", (1, 16, SIDE, SIDE), False), ("cpu", (2, 16, SIDE, SIDE), False)}
     mm.unload_all_models()
 
     restarted, fresh, _ = streamed(pack, flux, 0)   # as after a server restart: nothing in memory
@@ -245,3 +245,50 @@ def test_block_times_are_measured_once_per_latent_shape(pack, flux, comfy_cleanu
     calls.clear()
     assert torch.equal(run(restarted, cfg=1.0), out)
     assert calls == [seconds], "the first load after a restart timed again"
+
+
+class FakeStepMemory:
+    """Stands in for StepMemory on the CPU: every timed step 'took' `nbytes` of activations."""
+
+    def __init__(self, nbytes):
+        self.nbytes, self.activation_bytes = nbytes, None
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.activation_bytes = self.nbytes
+
+
+def test_the_measured_activation_memory_replaces_comfys_estimate_in_later_plans(pack, flux, comfy_cleanup, tmp_path):
+    """The timed step also reads the memory its activations took; the re-plan reserves that (+10%) instead of
+    ComfyUI's estimate, and a later load, after a restart too, plans with it from the block-time file."""
+    import comfy.model_management as mm
+
+    clone, session, _ = streamed(pack, flux, 0)
+    session.settings = pack.streaming.StreamingSettings(floor_bytes(pack, session, flux, 2), 0, 0, False)
+    timed_on_cpu(pack, session, tmp_path / "block_times.json")
+    measured = 3 * MiB
+    session.memory_probe = lambda device: FakeStepMemory(measured)
+    out = run(clone, cfg=1.0)
+    key = ("cpu", (1, 16, SIDE, SIDE), False)
+    estimate = int(flux.model.memory_required([1, 16, SIDE, SIDE]))
+    assert measured * 1.1 < estimate, "the fake measurement must differ from the estimate to show which is used"
+    assert session.activation_measured[key] == measured
+    # what the floor check and VRAMGuard count from now on for this shape: the measurement, not the estimate
+    assert session.activation_to_plan(clone, torch.device("cpu"), [1, 16, SIDE, SIDE]) == int(measured * 1.1)
+    assert session.activation_to_plan(clone, torch.device("cpu"), [2, 16, SIDE, SIDE]) == int(
+        flux.model.memory_required([2, 16, SIDE, SIDE]))   # a shape never measured
+    # (the re-plan after the timed step kept this plan: the same blocks resident either way at this budget)
+    mm.unload_all_models()
+    run(clone, cfg=1.0)   # a later load of the same session plans with the measurement at once
+    assert session.streamer.plan.activation_bytes == int(measured * pack.streaming.MEASURED_ACTIVATION_SAFETY)
+    mm.unload_all_models()
+
+    restarted, fresh, _ = streamed(pack, flux, 0)   # a new session reading the same file
+    fresh.settings = session.settings
+    timed_on_cpu(pack, fresh, tmp_path / "block_times.json")
+    fresh.memory_probe = lambda device: pytest.fail("a known shape must not be measured again")
+    assert torch.equal(run(restarted, cfg=1.0), out)
+    assert fresh.streamer.plan.activation_bytes == int(measured * 1.1) and fresh.timing is None
+    mm.unload_all_models()

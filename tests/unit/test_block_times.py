@@ -50,3 +50,16 @@ def test_a_folder_that_cannot_be_written_only_warns(tmp_path, caplog):
     with caplog.at_level(logging.WARNING, logger="lowvram"):
         store.put("k", [0.1])
     assert "could not save block times" in caplog.text and store.get("k") is None
+
+
+def test_activation_bytes_travel_with_the_times_and_an_older_file_has_none(tmp_path):
+    path = tmp_path / "block_times.json"
+    path.write_text(json.dumps({"version": T.FILE_VERSION, "times": {"k": [0.1]}}))   # written before they existed
+    store = T.BlockTimes(path)
+    assert store.get("k") == [0.1] and store.get_activation("k") is None
+    store.put("j", [0.2], activation_bytes=123_456_789)
+    assert T.BlockTimes(path).get_activation("j") == 123_456_789 and store.get("k") == [0.1]
+    store.put("j", [0.3])   # timed again without a memory reading: the old reading does not linger
+    assert store.get_activation("j") is None
+    path.write_text(json.dumps({"version": T.FILE_VERSION, "times": {"j": [0.1]}, "activation_bytes": {"j": -5}}))
+    assert store.get_activation("j") is None   # nonsense is not a plan

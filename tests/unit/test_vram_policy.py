@@ -118,11 +118,12 @@ def test_warn_runs_as_set_up_and_warns():
 
 
 def test_adapt_splits_a_batch_before_it_offloads_weights():
-    # 22.17 GiB resident + 4 x 0.42 GiB activations does not fit 24 GiB; 2 x 0.42 does.
+    # 22.17 GiB resident + 4 x 0.42 GiB activations (and as much allocator slack, Flux's reserve rule) does
+    # not fit 24 GiB; 2 x 0.42 does.
     w = flux(batch=4)
-    d = P.decide(w, comfy_gpu(), settings(), 23.5 * GiB)
+    d = P.decide(w, comfy_gpu(), settings(), 24 * GiB)
     assert d.verdict == "adapted" and d.plan.weight_cap_bytes is None and d.plan.batch_chunk == 2, d.text
-    assert "batch of 4 sampled as 2 runs of <= 2" in d.text and d.estimate.sampling_bytes <= 23.5 * GiB
+    assert "batch of 4 sampled as 2 runs of <= 2" in d.text and d.estimate.sampling_bytes <= 24 * GiB
 
 
 def comfy_loads_by_run(card_bytes, weight_bytes=FLUX_BYTES, per_image=2 * GiB):
@@ -141,14 +142,14 @@ def test_a_split_batch_is_predicted_with_the_weights_comfyui_loads_for_the_small
     batch, and predicted 6.15 GiB for a 7.92 GiB peak. Each chunk is now judged with its own placement."""
     w = flux(batch=4, side=192)
     placement_for = comfy_loads_by_run(card_bytes=28 * GiB)   # batch 4: 20 GiB of 22.17 loaded; runs of 1: all
-    d = P.decide(w, placement_for, settings(), 24 * GiB)
+    d = P.decide(w, placement_for, settings(), 24.5 * GiB)
     assert d.verdict == "adapted" and d.plan == P.RunPlan(1), d.text
     assert d.placement == placement_for(None, 1) and d.placement.kind == "full"
-    assert d.estimate.sampling_bytes <= 24 * GiB
+    assert d.estimate.sampling_bytes <= 24.5 * GiB
     # Judged with the full batch's 20 GiB, runs of 2 would have looked like a fit; with the weights ComfyUI
     # loads for runs of 2 (all of them) they do not.
-    assert P.estimate(w, placement_for(None, None), 2).sampling_bytes <= 24 * GiB
-    assert P.estimate(w, placement_for(None, 2), 2).sampling_bytes > 24 * GiB
+    assert P.estimate(w, placement_for(None, None), 2).sampling_bytes <= 24.5 * GiB
+    assert P.estimate(w, placement_for(None, 2), 2).sampling_bytes > 24.5 * GiB
 
 
 def test_adapt_caps_the_weights_when_the_batch_cannot_help():
@@ -163,7 +164,7 @@ def test_adapt_caps_the_weights_when_the_batch_cannot_help():
 def test_decode_batches_by_memory_then_tiles():
     w = flux(batch=4, side=192)          # 1536 px: ~3.8 GiB of decode working set per image
     p = E.Placement("streamed", GiB, GiB // 2, GiB)
-    d = P.decide(w, lambda cap, images_per_run=None: p, settings(), 8 * GiB)
+    d = P.decide(w, lambda cap, images_per_run=None: p, settings(), 9 * GiB)
     assert d.verdict == "fits" and d.plan.tile_px == 0, d.text     # the decoder takes one image per call
     d = P.decide(w, lambda cap, images_per_run=None: p, settings(), 3.5 * GiB)
     assert d.verdict == "adapted" and d.plan.batch_chunk == 1 and d.plan.tile_px == 1024, d.text
