@@ -376,7 +376,16 @@ class BlockStreamingSession:
             return
         old = self.streamer.plan
         act = planned_activation_bytes(self.estimated_activation_bytes, measured_activation_bytes)
-        new = plan_for(self.config, self.block_bytes, act, seconds_per_block)
+        try:
+            new = plan_for(self.config, self.block_bytes, act, seconds_per_block)
+        except BudgetTooSmall:
+            # The step took more than ComfyUI's estimate and no plan fits the budget with it. This sampling
+            # already runs (its steps so far fitted), so it goes on with the current plan; the next one is
+            # checked against the measurement before it starts.
+            log.warning("LowVRAM Kit ChunkedOffloadUNet: a step's activations took %s, more than the budget "
+                        "leaves room for with any plan; keeping the current plan for this sampling",
+                        fmt_bytes(measured_activation_bytes or 0))
+            return
         if (new.groups, new.resident, new.prefetch) == (old.groups, old.resident, old.prefetch):
             return
         # The groups that stay streamed keep their packed, pinned host buffers: only what changed is redone.

@@ -292,3 +292,20 @@ def test_the_measured_activation_memory_replaces_comfys_estimate_in_later_plans(
     assert torch.equal(run(restarted, cfg=1.0), out)
     assert fresh.streamer.plan.activation_bytes == int(measured * 1.1) and fresh.timing is None
     mm.unload_all_models()
+
+
+def test_a_measurement_no_plan_fits_keeps_the_running_plan(pack, flux, comfy_cleanup, tmp_path, caplog):
+    """A timed step whose activations exceed what the budget could ever leave room for must not stop the
+    sampling in its second step: the plan that ran stays, with a warning."""
+    import logging
+
+    import comfy.model_management as mm
+
+    clone, session, _ = streamed(pack, flux, 0)
+    session.settings = pack.streaming.StreamingSettings(floor_bytes(pack, session, flux, 2), 0, 0, False)
+    timed_on_cpu(pack, session, tmp_path / "block_times.json")
+    session.memory_probe = lambda device: FakeStepMemory(64 << 30)   # 64 GiB: no plan fits
+    with caplog.at_level(logging.WARNING, logger="lowvram"):
+        out = run(clone, cfg=1.0)
+    assert out is not None and "keeping the current plan for this sampling" in caplog.text
+    mm.unload_all_models()
