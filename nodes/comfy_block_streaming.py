@@ -189,12 +189,12 @@ class BlockStreamingSession:
 
     def attach(self, patcher, device, x_shape, seconds_per_block=None, adopt_hosts=None,
                measured_activation_bytes=None) -> None:
-        act = planned_activation_bytes(activation_bytes(patcher.model, x_shape), measured_activation_bytes)
+        estimate = activation_bytes(patcher.model, x_shape)
+        act = planned_activation_bytes(estimate, measured_activation_bytes)
         config = OffloadConfig(budget_bytes=max(1, self.budget_bytes(device)),
                                chunk_size=self.settings.chunk_size, prefetch=self.settings.prefetch,
                                pin_memory=self.settings.pin_memory)
-        self.config, self.activation_bytes = config, act
-        self.estimated_activation_bytes = activation_bytes(patcher.model, x_shape)
+        self.config, self.activation_bytes, self.estimated_activation_bytes = config, act, estimate
         patches = self.block_patches(patcher.patches)
         resident = ResidentPatches()
         for p in patches:
