@@ -20,6 +20,7 @@ import time
 from pathlib import Path
 
 from .anchor import ensure_model
+from .comfy_core_flux import graph_breaks
 from .offload_rows import OursRun, finish, table
 from .results import RESULTS_DIR
 from .workload import Workload
@@ -49,7 +50,7 @@ def dynamo_counts() -> dict:
     counters = dynamo_utils.counters
     return {"unique_graphs": int(counters["stats"]["unique_graphs"]),
             "recompiles": int(sum(counters["recompiles"].values())),
-            "graph_breaks": int(sum(counters["graph_break"].values()))}
+            "graph_breaks": int(sum(graph_breaks().values()))}
 
 
 def ours(model_path: str, rows_path: str, budgets: list[str], steps: int, smoke: bool, act_quants: list[str],
