@@ -129,7 +129,9 @@ class Placements:
                                  else int(patcher.model.memory_required(shape)))
         self.noise_shape = tuple(noise_shape)
         self.block_bytes = block_nbytes(self.session.blocks) if self.session is not None else []
-        self.margin = DEFAULT_MARGIN_BYTES
+        # The margin the streamer keeps out: smaller once that step's activations were measured.
+        margin = getattr(self.session, "margin_to_plan", None)
+        self.margin = margin(patcher, self.device, shape) if margin is not None else DEFAULT_MARGIN_BYTES
         self._plans: dict[tuple[int, int, int], object] = {}   # (budget, chunk, prefetch) -> Plan or refusal
         self.floor = self._streaming_floor() if self.session is not None else 0
 
@@ -181,7 +183,7 @@ class Placements:
     def _streamed(self, cap: int | None) -> Placement:
         s = self.session.settings
         config = OffloadConfig(budget_bytes=self.streaming_budget(cap), chunk_size=s.chunk_size,
-                               prefetch=s.prefetch, pin_memory=s.pin_memory)
+                               prefetch=s.prefetch, pin_memory=s.pin_memory, margin_bytes=self.margin)
         floor = self.floor
         streamer = self.session.streamer
         try:

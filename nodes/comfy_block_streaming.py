@@ -40,7 +40,7 @@ import math
 import os
 import time
 import weakref
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 
@@ -67,6 +67,11 @@ WARMUP_CALLS = 1
 # The measured device memory of a step's activations (with the allocator's slack) is planned with this much
 # on top: a re-plan changes slot sizes, and with them how the caching allocator's segments fit.
 MEASURED_ACTIVATION_SAFETY = 1.10
+# With activations measured, the margin only covers what a step cannot show (the CUDA context or cuBLAS
+# workspaces growing later): the allocator's slack is inside the measurement. Flux on the H200 (T2005) peaked
+# 0.25-0.39 GiB under its budgets with the full DEFAULT_MARGIN_BYTES kept out of measured plans, while its
+# 4 GiB row streamed every byte that margin kept off the device (about 2 ms per step per 100 MiB).
+MEASURED_MARGIN_BYTES = 64 << 20
 GiB = 1 << 30
 WIDGET_STEP_GIB = 0.25  # vram_budget_gb's step: a suggested budget is rounded up to it
 
@@ -83,7 +88,12 @@ PARKED_HOSTS: "weakref.WeakKeyDictionary[torch.nn.Module, dict]" = weakref.WeakK
 
 
 class HiddenBlocks(torch.nn.Module):
-    """Iterates, indexes and counts like the ModuleList (or Sequential) it stands for, registering nothing."""
+    """Iterates, indexes and counts like the ModuleList (or Sequential) it stands for, registering nothing.
+
+    It also answers ComfyUI's attribute paths by index ("diffusion_model.double_blocks.3"), reading and
+    writing: it stays on the shared model after its clone is detached (see model_block_list), and another
+    clone's TorchCompileModel or CompileModelBlocks then looks its blocks up, and swaps compiled ones in for
+    a call (comfy.utils.get_attr / set_attr), through it. A swap replaces the item without registering it."""
 
     def __init__(self, container):
         super().__init__()
@@ -98,6 +108,17 @@ class HiddenBlocks(torch.nn.Module):
 
     def __getitem__(self, i):
         return self.items[i]
+
+    def __getattr__(self, name):
+        if name.isdigit() and int(name) < len(self.items):
+            return self.items[int(name)]
+        return super().__getattr__(name)
+
+    def __setattr__(self, name, value):
+        if name.isdigit() and int(name) < len(self.items):
+            self.items[int(name)] = value
+            return
+        super().__setattr__(name, value)
 
 
 def model_block_list(patcher, name: str):
@@ -193,7 +214,8 @@ class BlockStreamingSession:
         act = planned_activation_bytes(estimate, measured_activation_bytes)
         config = OffloadConfig(budget_bytes=max(1, self.budget_bytes(device)),
                                chunk_size=self.settings.chunk_size, prefetch=self.settings.prefetch,
-                               pin_memory=self.settings.pin_memory)
+                               pin_memory=self.settings.pin_memory,
+                               margin_bytes=planned_margin_bytes(measured_activation_bytes))
         self.config, self.activation_bytes, self.estimated_activation_bytes = config, act, estimate
         patches = self.block_patches(patcher.patches)
         resident = ResidentPatches()
@@ -257,13 +279,21 @@ class BlockStreamingSession:
         """The activation bytes the next plan for model calls of `shape` on `device` reserves: the measured
         ones (+10%) when a timed step of this model, GPU, shape and compile state read them, else ComfyUI's
         estimate. VRAMGuard and the floor check use it, so that they count what the planner will."""
+        return planned_activation_bytes(activation_bytes(patcher.model, list(shape)),
+                                        self.measured_activation(patcher, device, shape))
+
+    def margin_to_plan(self, patcher, device, shape) -> int:
+        """The margin the next plan for model calls of `shape` on `device` keeps out (see planned_margin_bytes)."""
+        return planned_margin_bytes(self.measured_activation(patcher, device, shape))
+
+    def measured_activation(self, patcher, device, shape) -> int | None:
+        """What a timed step of this model, GPU, shape and compile state measured (None: not measured)."""
         device = torch.device(device)
         key = (str(device), tuple(int(d) for d in shape), self.compile_request(patcher) is not None)
         if key not in self.activation_measured and device.type in self.timed_devices:
             self.activation_measured[key] = self.times_store.get_activation(
                 self.times_key_for(device, key[1], key[2]))
-        return planned_activation_bytes(activation_bytes(patcher.model, list(shape)),
-                                        self.activation_measured.get(key))
+        return self.activation_measured.get(key)
 
     @staticmethod
     def compile_request(patcher):
@@ -376,8 +406,9 @@ class BlockStreamingSession:
             return
         old = self.streamer.plan
         act = planned_activation_bytes(self.estimated_activation_bytes, measured_activation_bytes)
+        config = replace(self.config, margin_bytes=planned_margin_bytes(measured_activation_bytes))
         try:
-            new = plan_for(self.config, self.block_bytes, act, seconds_per_block)
+            new = plan_for(config, self.block_bytes, act, seconds_per_block)
         except BudgetTooSmall:
             # The step took more than ComfyUI's estimate and no plan fits the budget with it. This sampling
             # already runs (its steps so far fitted), so it goes on with the current plan; the next one is
@@ -427,8 +458,9 @@ class BlockStreamingSession:
         call sees 2 x the latent batch: [2B, C, H, W]; the first step's plan is made for that shape."""
         shape = [noise_shape[0] * (2 if self.cfg_doubles else 1), *noise_shape[1:]]
         s = self.settings
-        low = floor(self.block_bytes, self.activation_to_plan(patcher, patcher.load_device, shape),
-                    chunk_size=s.chunk_size, prefetch=s.prefetch, margin_bytes=DEFAULT_MARGIN_BYTES)
+        device = patcher.load_device
+        low = floor(self.block_bytes, self.activation_to_plan(patcher, device, shape), chunk_size=s.chunk_size,
+                    prefetch=s.prefetch, margin_bytes=self.margin_to_plan(patcher, device, shape))
         return low, shape
 
     def check_floor(self, patcher, noise_shape, budget_bytes: int) -> None:
@@ -470,6 +502,12 @@ def planned_activation_bytes(estimated: int, measured: int | None) -> int:
     on top once known (smaller than ComfyUI's estimate for compiled blocks, larger for some eager ones), else
     ComfyUI's estimate (BaseModel.memory_required)."""
     return estimated if measured is None else int(measured * MEASURED_ACTIVATION_SAFETY)
+
+
+def planned_margin_bytes(measured: int | None) -> int:
+    """What a plan keeps out of its budget besides activations: MEASURED_MARGIN_BYTES once the activations were
+    measured, else DEFAULT_MARGIN_BYTES (it also covers the allocator's slack that an estimate leaves out)."""
+    return DEFAULT_MARGIN_BYTES if measured is None else MEASURED_MARGIN_BYTES
 
 
 class StepMemory:

@@ -171,6 +171,39 @@ def test_compiled_blocks_stream_bit_identically(comfy, adapters, flux_fp8, order
     torch._dynamo.reset()
 
 
+def test_compile_model_blocks_on_a_model_whose_streamed_clone_is_still_loaded(comfy, adapters, flux_fp8,
+                                                                            comfy_cleanup):
+    """The streamed clone's stand-in block lists stay on the shared model after it ran; CompileModelBlocks on
+    the model (a second branch of the graph) then looks each block up and swaps compiled ones in through them.
+    The blocks run compiled, the output equals the compiled model's alone, and the stand-ins register nothing."""
+    streaming, _ = adapters
+    blocks_compile = importlib.import_module("lowvram_kit.nodes.comfy_block_compile")
+    torch._dynamo.reset()
+    ref = sample(comfy, blocks_compile.compile_blocks(flux_fp8, backend="aot_eager"))
+    comfy.model_management.unload_all_models()
+    clone, session = streamed(adapters, flux_fp8, partial_budget(flux_fp8))
+    sample(comfy, clone)   # loaded, and left loaded
+    dm = flux_fp8.model.diffusion_model
+    assert isinstance(dm.single_blocks, streaming.HiddenBlocks)
+    compiled = blocks_compile.compile_blocks(flux_fp8, backend="aot_eager")
+    seen = []
+
+    def spy(executor, *args, **kwargs):   # inside ComfyUI's compile wrapper: the compiled blocks swapped in
+        seen.append([type(b).__name__ for b in (*dm.double_blocks, *dm.single_blocks)])
+        return executor(*args, **kwargs)
+
+    from comfy.patcher_extension import WrappersMP
+    compiled.add_wrapper_with_key(WrappersMP.DIFFUSION_MODEL, "test_spy", spy)
+    out = sample(comfy, compiled)
+    assert seen and all(set(names) == {"OptimizedModule"} for names in seen), seen
+    assert torch.equal(out, ref)
+    for blocks in (dm.double_blocks, dm.single_blocks):   # swapped back, never registered
+        if isinstance(blocks, streaming.HiddenBlocks):
+            assert not list(blocks.children()) and all(type(b).__name__ != "OptimizedModule" for b in blocks)
+    comfy.model_management.unload_all_models()
+    torch._dynamo.reset()
+
+
 def test_unknown_model_class_is_named(adapters):
     streaming, _ = adapters
 

@@ -279,10 +279,13 @@ def test_the_measured_activation_memory_replaces_comfys_estimate_in_later_plans(
     assert session.activation_to_plan(clone, torch.device("cpu"), [1, 16, SIDE, SIDE]) == int(measured * 1.1)
     assert session.activation_to_plan(clone, torch.device("cpu"), [2, 16, SIDE, SIDE]) == int(
         flux.model.memory_required([2, 16, SIDE, SIDE]))   # a shape never measured
-    # (the re-plan after the timed step kept this plan: the same blocks resident either way at this budget)
+    # the margin shrinks with a measurement (the allocator's slack is inside it) and only then
+    assert session.margin_to_plan(clone, torch.device("cpu"), [1, 16, SIDE, SIDE]) == 64 * MiB
+    assert session.margin_to_plan(clone, torch.device("cpu"), [2, 16, SIDE, SIDE]) == 256 * MiB
     mm.unload_all_models()
     run(clone, cfg=1.0)   # a later load of the same session plans with the measurement at once
     assert session.streamer.plan.activation_bytes == int(measured * pack.streaming.MEASURED_ACTIVATION_SAFETY)
+    assert session.streamer.plan.margin_bytes == pack.streaming.MEASURED_MARGIN_BYTES
     mm.unload_all_models()
 
     restarted, fresh, _ = streamed(pack, flux, 0)   # a new session reading the same file
