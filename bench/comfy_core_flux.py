@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import argparse
 import gc
+import hashlib
 import json
 import logging
 import os
@@ -68,6 +69,11 @@ def linear_class(model) -> str:
         if isinstance(m, torch.nn.Linear):
             return f"{type(m).__module__}.{type(m).__qualname__}"
     return "none"
+
+
+def latent_digest(out: torch.Tensor) -> str:
+    """SHA-256 of the output latent's bytes [B, C, H/8, W/8]: equal digests = the same bits (offload fidelity)."""
+    return hashlib.sha256(out.detach().to("cpu").contiguous().view(torch.uint8).numpy().tobytes()).hexdigest()
 
 
 def sample_once(model, w: Workload, inputs, budget_gib, device, mm, comfy_sample,
@@ -137,6 +143,7 @@ def sample_once(model, w: Workload, inputs, budget_gib, device, mm, comfy_sample
         peak_samples=reading.samples,
         host_rss_peak_gib=None if reading.host_rss_peak_bytes is None else reading.host_rss_peak_bytes / GiB,
         latent_finite=None if out is None else bool(torch.isfinite(out).all()),
+        latent_sha256=None if out is None else latent_digest(out),
         passes=len(batches),
         passes_per_step=len(batches) / len(stamps) if stamps else None,
         pass_batches=sorted(set(batches)),

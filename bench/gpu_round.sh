@@ -16,7 +16,8 @@
 #   newbie_extra   issue #7: the NewBie pipeline in 6 GiB with fp8 and with NF4 text encoders
 #   calibrate      issue #6: VRAMGuard's estimator on NewBie and SDXL (decode refit, split batches)
 #   offload_flux   issue #4: Flux offload ratios at 12/8/6/4 GiB;  calibrate_flux: issue #6 on Flux
-#   ladders_flux_sdxl, ladders_newbie_zimage   issue #6: VRAMGuard's adapt ladder of every shipped workflow
+#   ladder_flux, ladder_sdxl, ladder_newbie, ladder_zimage   issue #6: the adapt ladder of every shipped workflow
+#   offload_families   issue #4: NewBie and SDXL offload rows at 8/6/4 GiB
 set -uo pipefail
 cd "$(dirname "$0")/.."
 : "${OUT:?OUT is not set (the device tool sets it)}"
@@ -77,14 +78,18 @@ for round in "$@"; do
         calibrate_flux)   # issue #6: Flux rows with the current estimator constants
             run 420 calibrate_flux python3 -m bench.vramguard_calibrate --models-dir "$M" --out-dir "$OUT" \
                 --families flux --minutes 6 --faults 3 --repeat 5 ;;
-        ladders_flux_sdxl)   # every budget below each tier down to 4 GiB (26 rows)
+        ladder_flux)   # issue #6: VRAMGuard's adapt ladder, every budget below each tier down to 4 GiB (14 rows)
             run 330 ladder_flux "${e2e[@]}" --workflows flux_dev_8gb,flux_dev_12gb,flux_dev_16gb,flux_dev_24gb \
-                --parts ladder --cleanup
-            run 230 ladder_sdxl "${e2e[@]}" --workflows sdxl_12gb,sdxl_16gb,sdxl_24gb --parts ladder --cleanup ;;
-        ladders_newbie_zimage)   # (24 rows)
-            run 280 ladder_newbie "${e2e[@]}" --workflows newbie_12gb,newbie_16gb,newbie_24gb --parts ladder --cleanup
+                --parts ladder --cleanup ;;
+        ladder_sdxl)   # (12 rows)
+            run 240 ladder_sdxl "${e2e[@]}" --workflows sdxl_12gb,sdxl_16gb,sdxl_24gb --parts ladder --cleanup ;;
+        ladder_newbie)   # (12 rows)
+            run 280 ladder_newbie "${e2e[@]}" --workflows newbie_12gb,newbie_16gb,newbie_24gb --parts ladder --cleanup ;;
+        ladder_zimage)   # (12 rows)
             run 280 ladder_zimage "${e2e[@]}" --workflows z_image_turbo_12gb,z_image_turbo_16gb,z_image_turbo_24gb \
                 --parts ladder --cleanup ;;
+        offload_families)   # issue #4's NewBie (DiT) and SDXL (UNet) rows at 8/6/4 GiB
+            run 240 offload_families python3 -m bench.offload_families --models-dir "$M" --out-dir "$OUT" ;;
         calibrate)
             run 300 calibrate python3 -m bench.vramguard_calibrate --models-dir "$M" --out-dir "$OUT" \
                 --families newbie,sdxl --minutes 3.5 --faults 3 --repeat 5 ;;

@@ -140,6 +140,24 @@ def add_floors(rows: list[dict], reference: str) -> list[dict]:
         r.update(ratio=s / ref if s and ref else None, floor_compute_s=compute, floor_transfer_s=transfer,
                  floor_s=parts.get(bound), floor_bound=bound,
                  floor_ratio=parts[bound] / ref if bound and ref else None)
+    return same_bits(rows)
+
+
+def same_bits(rows: list[dict]) -> list[dict]:
+    """same_bits: whether a budget row's output latent has the bits of its resident mode's unlimited row
+    (the same weights and dtypes all on the GPU); issue #4 asks streaming to change none. None: no digest.
+
+    >>> rows = [{"mode": "m", "budget_gib": None, "latent_sha256": "a"}, {"mode": "m", "budget_gib": 4.0,
+    ...          "streamed": True, "latent_sha256": "a"}, {"mode": "m", "budget_gib": 6.0, "latent_sha256": "b"}]
+    >>> [r.get("same_bits") for r in same_bits(rows)]
+    [None, True, False]
+    """
+    digests = {r["mode"]: r.get("latent_sha256") for r in rows if r.get("budget_gib") is None
+               and not r.get("streamed") and not r.get("repeat")}
+    for r in rows:
+        ref, mine = digests.get(r.get("resident_mode", r["mode"])), r.get("latent_sha256")
+        if r.get("budget_gib") is not None or r.get("streamed"):
+            r["same_bits"] = None if ref is None or mine is None else mine == ref
     return rows
 
 
@@ -149,11 +167,12 @@ def read_jsonl(path: Path) -> list[dict]:
 
 def table(rows: list[dict], label: str = "") -> str:
     headers = ["family", "mode", "budget", "s/it", "ratio", "floor s", "floor ratio", "bound", "H2D GiB/step",
-               "passes/step", "peak GiB", "<=budget", "error"]
+               "passes/step", "peak GiB", "<=budget", "same bits", "error"]
     body = [[r.get("family") or label, r["mode"], r["budget"], r.get("s_per_it"), r.get("ratio"), r.get("floor_s"),
              r.get("floor_ratio"), r.get("floor_bound"),
              None if r.get("floor_transfer_s") is None else r["floor_transfer_s"] * PINNED_H2D / GiB,
-             r.get("passes_per_step"), r.get("peak_gib"), r.get("within_budget"), (r.get("error") or "")[:60]]
+             r.get("passes_per_step"), r.get("peak_gib"), r.get("within_budget"), r.get("same_bits"),
+             (r.get("error") or "")[:60]]
             for r in rows]
     return format_table(headers, body)
 
