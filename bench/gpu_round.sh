@@ -12,6 +12,7 @@
 #   fp8_compile    issue #3: ComfyUI bf16, ComfyUI bf16 + TorchCompileModel, ours fp8 (+ TorchCompileModel)
 #   launch_bound   host time to issue one Flux step of eager fp8 linears, with and without an NVML polling thread
 #   blocks_compile issue #3: ComfyUI bf16, ours fp8 eager and with CompileModelBlocks (rel L2 to eager)
+#   dequant_check  issue #3: ComfyUI bf16 and ours dequant in one run, and the dequant kernel's micro benchmark
 #   fp8_all        issue #3 in one run: every ComfyUI mode, ours dequant and fp8, + CompileModelBlocks, the loads
 #   newbie_extra   issue #7: the NewBie pipeline in 6 GiB with fp8 and with NF4 text encoders
 #   calibrate      issue #6: VRAMGuard's estimator on NewBie and SDXL (decode refit, split batches)
@@ -68,6 +69,11 @@ for round in "$@"; do
         fp8_all)   # issue #3, every row of its table in one run (about 6 min; alone in a call)
             run 570 fp8_all python3 -m bench.fp8_flux --models-dir "$M" --out-dir "$OUT" --extras blocks_compile \
                 --no-micro --load-repeats 1 --time-budget-s 540 ;;
+        dequant_check)   # issue #3's dequant row beside ComfyUI bf16, and the dequant kernel alone (micro)
+            run 200 dequant_check python3 -m bench.fp8_flux --models-dir "$M" --out-dir "$OUT" --comfy-modes comfy_bf16 \
+                --ours-modes ours_dequant --extras "" --no-micro --load-repeats 1
+            run 90 dequant_micro python3 -m bench.fp8_linear_micro --out "$OUT/fp8_linear_micro_dequant.json" \
+                --variants bf16_linear,dq_triton,linear_dequant --no-compile ;;
         launch_bound)   # is the eager fp8 Linear bound by the host? (no model files; about 30 s)
             run 100 launch_bound python3 -m bench.eager_launch_bound --out-dir "$OUT" ;;
         newbie_extra)   # fp8, NF4 and NF4 + CompileModelBlocks text-to-image in 6 GiB

@@ -27,17 +27,20 @@ def check_dequant(findings: dict) -> bool:
     g = torch.Generator().manual_seed(0)
     for dtype in (torch.float8_e4m3fn, torch.float8_e5m2):
         values = every_fp8_value(dtype)                              # [V] every finite code
-        w = values[torch.randint(0, values.numel(), (96, 80), generator=g)]   # [96, 80], 7680 > one block
-        w[0, : values.numel() if values.numel() <= 80 else 80] = values[:80]
-        for scale in (torch.rand(96, generator=g) + 0.01, torch.tensor(0.37)):
-            ref32 = w.float() * (scale.reshape(-1, 1) if scale.ndim else scale)
-            got32 = launch_dequant(w, scale, torch.float32)
-            exact = torch.equal(got32, ref32)
-            got16 = launch_dequant(w, scale, torch.bfloat16).float()
-            ulp = (ref32.abs().clamp(min=2.0 ** -126).log2().floor() - 7).exp2()
-            within = bool(((got16 - ref32).abs() <= ulp).all())
-            findings[f"dequant {dtype} scale{list(scale.shape)}"] = {"fp32_exact": exact, "bf16_within_ulp": within}
-            ok &= exact and within
+        # [96, 80]: many rows, a part of one column block; [3, 2500]: rows of two and a part column blocks
+        for shape in ((96, 80), (3, 2500)):
+            w = values[torch.randint(0, values.numel(), shape, generator=g)]
+            w[0, : min(values.numel(), shape[1])] = values[: shape[1]]
+            for scale in (torch.rand(shape[0], generator=g) + 0.01, torch.tensor(0.37)):
+                ref32 = w.float() * (scale.reshape(-1, 1) if scale.ndim else scale)
+                got32 = launch_dequant(w, scale, torch.float32)
+                exact = torch.equal(got32, ref32)
+                got16 = launch_dequant(w, scale, torch.bfloat16).float()
+                ulp = (ref32.abs().clamp(min=2.0 ** -126).log2().floor() - 7).exp2()
+                within = bool(((got16 - ref32).abs() <= ulp).all())
+                findings[f"dequant {dtype} {list(shape)} scale{list(scale.shape)}"] = {
+                    "fp32_exact": exact, "bf16_within_ulp": within}
+                ok &= exact and within
     return ok
 
 
