@@ -49,9 +49,11 @@ def _fp8_bits_to_f32(b, EXP_BITS: tl.constexpr, MANT_BITS: tl.constexpr, BIAS: t
 def _dequant_kernel(w_ptr, s_ptr, out_ptr, K, SCALE_PER_ROW: tl.constexpr, BLOCK_K: tl.constexpr,
                     EXP_BITS: tl.constexpr, MANT_BITS: tl.constexpr, BIAS: tl.constexpr, SUB_SCALE: tl.constexpr):
     # w [N, K] fp8 bytes (as uint8) row-major, s [N] (or [1]) fp32, out [N, K] bf16/fp16.
-    # Program (row, k block): BLOCK_K elements of one row and that row's one scale. (A flat 1-D split needed
-    # offset // K per element for the scale, an int64 division that made the kernel compute-bound: 23 ms of
-    # Flux's 11.9 G weights per step on the H200, 1.5 TB/s.)
+    # Program (row, k block): BLOCK_K elements of one row and that row's one scale, so no element divides its
+    # offset by K to find its row. Measured on the H200 (bench/results/fp8_linear_micro_dequant_*T2038): no
+    # faster than the flat split it replaced (24.4 against 23.0 ms per Flux step in bench.fp8_linear_micro,
+    # whose event timing includes each call's Python launch); in the model the dequant path costs about 15 ms
+    # a step over bf16 (float8_flux_*T2036), close to the 35.7 GB it moves at 3 TB/s.
     row = tl.program_id(0).to(tl.int64)
     cols = tl.program_id(1) * BLOCK_K + tl.arange(0, BLOCK_K)
     mask = cols < K
