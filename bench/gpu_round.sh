@@ -84,10 +84,10 @@ for round in "$@"; do
         calibrate_flux)   # issue #6: Flux rows with the current estimator constants
             run 420 calibrate_flux python3 -m bench.vramguard_calibrate --models-dir "$M" --out-dir "$OUT" \
                 --families flux --minutes 6 --faults 3 --repeat 5 ;;
-        ladder_flux)   # issue #6: VRAMGuard's adapt ladder, every budget below each tier down to 4 GiB (14 rows)
-            run 330 ladder_flux "${e2e[@]}" --workflows flux_dev_8gb,flux_dev_12gb,flux_dev_16gb,flux_dev_24gb \
-                --parts ladder --cleanup ;;
-        ladder_flux24)   # flux_dev_24gb's rungs alone (16 to 4 GiB)
+        ladder_flux)   # issue #6: VRAMGuard's adapt ladder, every budget below each tier down to 4 GiB (9 rows);
+            # flux_dev_24gb's 5 rungs are ladder_flux24 (all four workflows overran 330 s in T2042)
+            run 330 ladder_flux "${e2e[@]}" --workflows flux_dev_8gb,flux_dev_12gb,flux_dev_16gb --parts ladder --cleanup ;;
+        ladder_flux24)   # flux_dev_24gb's rungs (16 to 4 GiB)
             run 200 ladder_flux24 "${e2e[@]}" --workflows flux_dev_24gb --parts ladder --cleanup ;;
         ladder_sdxl)   # (12 rows)
             run 240 ladder_sdxl "${e2e[@]}" --workflows sdxl_12gb,sdxl_16gb,sdxl_24gb --parts ladder --cleanup ;;
