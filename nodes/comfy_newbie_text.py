@@ -51,6 +51,27 @@ class NewBieTEConfig:
                 raise ValueError(f"{name}={getattr(self, name)!r} is not one of {', '.join(allowed)}")
 
 
+class RunOnLoadDevice:
+    """An SDClipModel mixin: the encoder runs on its patcher's load device, wherever its embedding table is.
+
+    ComfyUI 0.3.64-0.3.75 run an encoder on the device of its input embedding's weight (SDClipModel.forward).
+    A partial load offloads the largest modules first, and Gemma's embedding ([262144, 2560] bf16, 1.25 GiB) is
+    the largest: at 6 GiB the whole encoder then ran on the CPU, 5-9 s a prompt on the H200
+    (bench/results/workflows_e2e_*T1656), while the layers ComfyUI had loaded sat on the GPU. Here the tokens go
+    to the load device instead and every offloaded layer, the embedding too, is cast there per call as ComfyUI
+    casts any lowvram layer. Newer ComfyUI picks the same device itself (its `execution_device` option).
+    """
+
+    run_device: torch.device | None = None  # set by NewBieTEModel.run_on once the patcher exists
+
+    def process_tokens(self, tokens, device):
+        return super().process_tokens(tokens, self.run_device or device)
+
+
+class NewBieGemma(RunOnLoadDevice, comfy.text_encoders.lumina2.Gemma3_4BModel):
+    pass
+
+
 class JinaTextTransformer(torch.nn.Module):
     """nodes/jina_clip_v2 in the shape SDClipModel drives: (config, dtype, device, operations)."""
 
@@ -69,7 +90,7 @@ class JinaTextTransformer(torch.nn.Module):
         return hidden, None, pooled  # (last, intermediate, pooled) as SDClipModel reads them
 
 
-class JinaClip2TextModel(sd1_clip.SDClipModel):
+class JinaClip2TextModel(RunOnLoadDevice, sd1_clip.SDClipModel):
     def __init__(self, device="cpu", dtype=None, model_options={}, config=None):
         super().__init__(device=device, dtype=dtype, textmodel_json_config=dict(config or {}),
                          model_class=JinaTextTransformer, special_tokens={"start": 0, "end": EOS, "pad": PAD},
@@ -108,9 +129,13 @@ class NewBieTEModel(torch.nn.Module):
     def __init__(self, device="cpu", dtype=None, model_options={}, gemma_config=None, jina_config=None):
         super().__init__()
         gemma_options = {**model_options, "model_name": "gemma3_4b", "gemma3_4b_model_config": dict(gemma_config or {})}
-        self.gemma = comfy.text_encoders.lumina2.Gemma3_4BModel(device=device, dtype=dtype, model_options=gemma_options)
+        self.gemma = NewBieGemma(device=device, dtype=dtype, model_options=gemma_options)
         self.jina = JinaClip2TextModel(device=device, dtype=dtype, model_options=model_options, config=jina_config)
         self.dtypes = {dtype}
+
+    def run_on(self, device: torch.device) -> None:
+        """Run both encoders on `device` (the patcher's load device) even when ComfyUI loaded them in part."""
+        self.gemma.run_device = self.jina.run_device = torch.device(device)
 
     def set_clip_options(self, options):
         self.gemma.set_clip_options(options)
@@ -184,6 +209,7 @@ def load_newbie_text_encoders(gemma_path: str, jina_path: str, cfg: NewBieTEConf
     params = sum(t.numel() for f in (gemma, jina) for t in f.state_dict.values())
     clip = comfy.sd.CLIP(target, embedding_directory=embedding_directory, parameters=params, model_options=options,
                          tokenizer_data={"gemma_spiece_model": gemma.tokenizer.data, "jina_tokenizer": jina.tokenizer})
+    clip.cond_stage_model.run_on(clip.patcher.load_device)
     for part, f in (("Gemma-3-4B", gemma), ("Jina CLIP v2", jina)):
         _check_loaded(part, f.path, *clip.load_sd(f.state_dict))
     for note in jina.notes:

@@ -190,6 +190,36 @@ def test_device_cpu_keeps_both_encoders_on_the_cpu(pack, files):
     assert c.patcher.load_device.type == "cpu" and c.patcher.offload_device.type == "cpu"
 
 
+class _EmbeddingElsewhere(torch.nn.Module):
+    """The real embedding, but its `weight` reports another device: what SDClipModel.forward sees in ComfyUI
+    0.3.75 after a partial load left the (largest) embedding table on the offload device."""
+
+    def __init__(self, inner):
+        super().__init__()
+        self.inner = inner
+
+    @property
+    def weight(self):
+        return torch.empty(self.inner.weight.shape, device="meta")
+
+    def forward(self, *args, **kwargs):
+        return self.inner(*args, **kwargs)
+
+
+def test_encoders_run_on_the_load_device_when_the_embedding_table_is_elsewhere(pack, files, monkeypatch):
+    te = pack["comfy_newbie_text"]
+    c = te.load_newbie_text_encoders(files["gemma3-4b"], files["jina-clip-v2"], te.NewBieTEConfig())
+    text = "<character_1><n>miku</n></character_1>"
+    ref = c.encode_from_tokens(c.tokenize(text), return_pooled=True)
+    for part in (c.cond_stage_model.gemma, c.cond_stage_model.jina):
+        moved = _EmbeddingElsewhere(part.transformer.get_input_embeddings())
+        monkeypatch.setattr(part.transformer, "get_input_embeddings", lambda moved=moved: moved)
+    got = c.encode_from_tokens(c.tokenize(text), return_pooled=True)  # on "meta" without the mixin: no values
+    assert got[0].device == c.patcher.load_device and got[1].device == c.patcher.load_device
+    torch.testing.assert_close(got[0], ref[0], atol=0, rtol=0)
+    torch.testing.assert_close(got[1], ref[1], atol=0, rtol=0)
+
+
 def test_nf4_without_bitsandbytes_says_how_to_install_it(pack, files, monkeypatch):
     import sys
 
