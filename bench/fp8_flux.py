@@ -82,14 +82,18 @@ def annotate(rows: list[dict]) -> dict:
     return {"reference": REFERENCE, "reference_s_per_it": base}
 
 
-EAGER_OF_EXTRAS = "ours_fp8_reloaded"   # the row sampled on the same model just before its extras
+# The row sampled on the same model just before an extra, by the extra's base mode: the dequant model's own
+# row, and for the fp8 matmul extras the reloaded saved copy they run on.
+EAGER_OF_EXTRAS = {"ours_dequant": "ours_dequant"}
+EAGER_OF_FP8_EXTRAS = "ours_fp8_reloaded"
 
 
 def eager_row_of(rows: list[dict], r: dict) -> dict | None:
     """The eager row an extra's output is compared with (None for rows that are not extras)."""
     if "+" not in str(r.get("mode", "")) or not r.get("latent_file"):
         return None
-    eager = find_row(rows, EAGER_OF_EXTRAS, r.get("budget_gib"))
+    base = str(r["mode"]).split("+", 1)[0]
+    eager = find_row(rows, EAGER_OF_EXTRAS.get(base, EAGER_OF_FP8_EXTRAS), r.get("budget_gib"))
     return eager if eager and eager.get("latent_file") else None
 
 
@@ -147,8 +151,10 @@ def criteria(rows: list[dict], loads: dict, choice: str | None, smoke: bool) -> 
     # The same fp8 matmul model with CompileModelBlocks (extra "blocks_compile"): quantizing the activations
     # fuses with the norm and modulation before each linear, which the eager layer cannot do.
     compiled = next((r for r in rows if str(r.get("mode", "")).endswith("+blocks_compile")
+                     and not str(r["mode"]).startswith("ours_dequant")
                      and r.get("budget_gib") is None and not r.get("repeat")), None)
     deq = find_row(rows, "ours_dequant")
+    deq_compiled = find_row(rows, "ours_dequant+blocks_compile")
     lt = {k: v["median_s"] for k, v in loads.items()}
     ratio = (lambda a, b: lt[a] / lt[b] if a in lt and b in lt else None)
     return [
@@ -160,6 +166,8 @@ def criteria(rows: list[dict], loads: dict, choice: str | None, smoke: bool) -> 
               "resident fp8 matmul row with CompileModelBlocks"),
         check("dequant s/it ratio", deq and deq.get("ratio_to_comfy_bf16"), CRITERIA["dequant_ratio_max"],
               "ours_dequant resident, to ComfyUI bf16"),
+        check("dequant + CompileModelBlocks s/it ratio", deq_compiled and deq_compiled.get("ratio_to_comfy_bf16"),
+              CRITERIA["dequant_ratio_max"], "ours_dequant+blocks_compile resident, to ComfyUI bf16"),
         check("peak VRAM GiB", fp8 and fp8.get("peak_gib"), CRITERIA["peak_gib_max"], "resident fp8 matmul row"),
         check("quantizing load / ComfyUI bf16 load", ratio("ours_quantize_load", "comfy_load_bf16_file"),
               CRITERIA["quantize_load_vs_comfy_bf16_load_max"], "medians, page cache warm"),

@@ -171,6 +171,10 @@ class Worker:
         for mode in (OURS[m] for m in self.a.modes):
             model = self.load_ours(self.model_path, mode, "ours_quantize_load")
             self.sample(model, mode.name, what=mode.what)
+            if mode.name == "ours_dequant" and "blocks_compile" in self.a.extras and self.cuda:
+                # The dequant model with CompileModelBlocks: inductor fuses the weight cast into one kernel
+                # per layer and the norms and modulations around the matmuls, as it does for the fp8 model.
+                self.sample_with_options(model, mode.name, "blocks_compile")
             if mode.name == "ours_fp8_token":
                 if self.a.noise_check:
                     self.sample(model, mode.name, repeat=True)

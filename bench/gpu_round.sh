@@ -10,6 +10,8 @@
 #   flux_e2e       Flux 8 GB workflow (tier, core; tier again after a warm-up start), flux_dev_24gb's ladder
 #   zimage_e2e     Z-Image-Turbo 16 GB workflow with its LoRA (tier, core)
 #   fp8_compile    issue #3: ComfyUI bf16, ComfyUI bf16 + TorchCompileModel, ours fp8 (+ TorchCompileModel)
+#   dequant_sweep  issue #3: the dequant kernel's tiles over a Flux step's weights, GPU time only (CUDA graphs)
+#   newbie_issue7  issue #7: newbie_24gb resident bf16 unconstrained beside newbie_12gb's 6 GiB rows, one run
 #   launch_bound   host time to issue one Flux step of eager fp8 linears, with and without an NVML polling thread
 #   blocks_compile issue #3: ComfyUI bf16, ours fp8 eager and with CompileModelBlocks (rel L2 to eager)
 #   dequant_check  issue #3: ComfyUI bf16 and ours dequant in one run, and the dequant kernel's micro benchmark
@@ -74,6 +76,10 @@ for round in "$@"; do
                 --ours-modes ours_dequant --extras "" --no-micro --load-repeats 1
             run 90 dequant_micro python3 -m bench.fp8_linear_micro --out "$OUT/fp8_linear_micro_dequant.json" \
                 --variants bf16_linear,dq_triton,linear_dequant --no-compile ;;
+        dequant_sweep)   # issue #3: every DequantTile over a Flux step's 304 weights in CUDA graphs (no model files)
+            run 200 dequant_sweep python3 -m bench.dequant_sweep --out "$OUT/dequant_sweep.json" ;;
+        newbie_issue7)   # issue #7: the resident bf16 pipeline unconstrained and the 6 GiB rows, in one run
+            run 360 newbie_issue7 "${e2e[@]}" --workflows newbie_24gb,newbie_12gb --parts extra --cleanup ;;
         launch_bound)   # is the eager fp8 Linear bound by the host? (no model files; about 30 s)
             run 100 launch_bound python3 -m bench.eager_launch_bound --out-dir "$OUT" ;;
         newbie_extra)   # fp8, NF4 and NF4 + CompileModelBlocks text-to-image in 6 GiB

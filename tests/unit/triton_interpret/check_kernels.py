@@ -5,13 +5,14 @@ a kernel is defined, i.e. at import. Prints one JSON line of findings; exits 1 o
 The interpreter rounds fp32 -> bf16 by truncation (the GPU rounds to nearest), so bf16 results are
 compared within one bf16 ulp here and exactly in fp32; the GPU benchmarks check them bit for bit.
 """
+import itertools
 import json
 import sys
 
 import torch
 
 from quant.act_quant_triton import launch_per_token
-from quant.dequant_triton import launch_dequant
+from quant.dequant_triton import DEFAULT_TILE, DequantTile, launch_dequant
 from quant.matmul import quantize_activation
 
 
@@ -20,6 +21,10 @@ def every_fp8_value(dtype: torch.dtype) -> torch.Tensor:
     codes = torch.arange(256, dtype=torch.uint8).view(dtype)
     finite = codes.float().isfinite()
     return codes[finite]
+
+
+# The shipped tile, one row per program, and tiles with more rows than a tensor has and narrower than its rows.
+TILES = (DEFAULT_TILE, DequantTile(1, 1024, 4), DequantTile(8, 64, 4))
 
 
 def check_dequant(findings: dict) -> bool:
@@ -31,14 +36,15 @@ def check_dequant(findings: dict) -> bool:
         for shape in ((96, 80), (3, 2500)):
             w = values[torch.randint(0, values.numel(), shape, generator=g)]
             w[0, : min(values.numel(), shape[1])] = values[: shape[1]]
-            for scale in (torch.rand(shape[0], generator=g) + 0.01, torch.tensor(0.37)):
+            for scale, tile in itertools.product((torch.rand(shape[0], generator=g) + 0.01, torch.tensor(0.37)),
+                                                 TILES):
                 ref32 = w.float() * (scale.reshape(-1, 1) if scale.ndim else scale)
-                got32 = launch_dequant(w, scale, torch.float32)
+                got32 = launch_dequant(w, scale, torch.float32, tile)
                 exact = torch.equal(got32, ref32)
-                got16 = launch_dequant(w, scale, torch.bfloat16).float()
+                got16 = launch_dequant(w, scale, torch.bfloat16, tile).float()
                 ulp = (ref32.abs().clamp(min=2.0 ** -126).log2().floor() - 7).exp2()
                 within = bool(((got16 - ref32).abs() <= ulp).all())
-                findings[f"dequant {dtype} {list(shape)} scale{list(scale.shape)}"] = {
+                findings[f"dequant {dtype} {list(shape)} scale{list(scale.shape)} {tile}"] = {
                     "fp32_exact": exact, "bf16_within_ulp": within}
                 ok &= exact and within
     return ok
