@@ -73,32 +73,36 @@ def graph_seconds(launches: list[Callable[[], object]], reps: int) -> float:
     return statistics.median(times)
 
 
-def previous_kernel():
-    """The kernel quant/dequant_triton.py had until 2026-11-21 night (commit e91c649), for the comparison."""
+try:   # Triton comes with CUDA builds of torch; the CPU tests import this module for its pure parts only
     import triton
     import triton.language as tl
+except ImportError:
+    triton = None
 
+if triton is not None:
     @triton.jit
-    def kernel(w_ptr, s_ptr, out_ptr, K, BLOCK_K: tl.constexpr):
+    def _previous_kernel(w_ptr, s_ptr, out_ptr, K, BLOCK_K: tl.constexpr):
+        # As quant/dequant_triton.py had it until commit e91c649 (e4m3fn only here): one row strip per program,
+        # the fp8 bits decoded into fp32 bits with integer arithmetic, subnormals by a multiply.
         row = tl.program_id(0).to(tl.int64)
         cols = tl.program_id(1) * BLOCK_K + tl.arange(0, BLOCK_K)
         mask = cols < K
         offs = row * K + cols
         b = tl.load(w_ptr + offs, mask=mask, other=0).to(tl.int32)
-        sign, exp, mant = (b >> 7) & 1, (b >> 3) & 15, b & 7             # e4m3fn: bias 7
+        sign, exp, mant = (b >> 7) & 1, (b >> 3) & 15, b & 7             # e4m3fn: exponent bias 7
         normal = ((sign << 31) | ((exp + 120) << 23) | (mant << 20)).to(tl.float32, bitcast=True)
         sub = mant.to(tl.float32) * 0.001953125                          # 2^-9
         sub = tl.where(sign == 1, -sub, sub)
         w = tl.where(exp == 0, sub, normal)
         tl.store(out_ptr + offs, (w * tl.load(s_ptr + row)).to(out_ptr.dtype.element_ty), mask=mask)
 
-    def launch(w8: torch.Tensor, scale: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
-        out = torch.empty(w8.shape, dtype=dtype, device=w8.device)
-        kernel[(w8.shape[0], triton.cdiv(w8.shape[1], 1024))](w8.view(torch.uint8), scale, out, w8.shape[1],
-                                                              BLOCK_K=1024, num_warps=4)
-        return out
 
-    return launch
+def previous_dequant(w8: torch.Tensor, scale: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """The previous kernel's launch: w8 [N, K] e4m3fn, scale [N] fp32 -> [N, K] `dtype`."""
+    out = torch.empty(w8.shape, dtype=dtype, device=w8.device)
+    _previous_kernel[(w8.shape[0], triton.cdiv(w8.shape[1], 1024))](w8.view(torch.uint8), scale, out, w8.shape[1],
+                                                                    BLOCK_K=1024, num_warps=4)
+    return out
 
 
 class StepWeights:
@@ -144,7 +148,7 @@ def run(reps: int, tiles: list[tuple[int, int, int]]) -> dict:
         print(f"[sweep] {variant}: {row.get('step_s', row.get('error'))}", flush=True)
         return row
 
-    previous = previous_kernel()
+    previous = previous_dequant
     record("previous", "shipped until e91c649: integer decode, one 1024-column strip per program", dequant_launches(
         weights, lambda w, s, d: previous(w, s, d)))
     record("eager", "two PyTorch kernels (cast, then multiply)", dequant_launches(weights, dequantize_weight_eager))
