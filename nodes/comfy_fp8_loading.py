@@ -13,8 +13,10 @@ import json
 import logging
 import os
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from types import SimpleNamespace
+from typing import TypeVar
 
 import torch
 
@@ -27,6 +29,8 @@ from ..quant.safetensors_io import open_safetensors
 from ._comfy_progress import LoadProgress
 from .comfy_fp8_ops import make_fp8_ops
 from .model_families import Family, detect_family, keep_filter, parse_layer_patterns
+
+T = TypeVar("T")
 
 log = logging.getLogger("lowvram")
 CHECKPOINT_PREFIX = "model.diffusion_model."
@@ -86,10 +90,11 @@ def quantization_device() -> torch.device:
     return device if device.type == "cuda" else torch.device("cpu")
 
 
-def _quantize_file(path: str, cfg: QuantConfig, keep, prefix: str):
+def quantize_on_device(read: Callable[[torch.device], T]) -> T:
+    """read(quantization_device()), or read(cpu) when the GPU has too little free memory for it (same bytes)."""
     device = quantization_device()
     try:
-        return quantize_file(path, cfg, keep, prefix=prefix, device=device, progress=LoadProgress())
+        return read(device)
     except torch.OutOfMemoryError:
         if device.type == "cpu":
             raise
@@ -97,7 +102,12 @@ def _quantize_file(path: str, cfg: QuantConfig, keep, prefix: str):
         log.warning("LowVRAM Kit: not enough free memory on %s to quantize there; quantizing on the CPU instead "
                     "(slower, same result)", device)
         comfy.model_management.soft_empty_cache()
-        return quantize_file(path, cfg, keep, prefix=prefix, device="cpu", progress=LoadProgress())
+        return read(torch.device("cpu"))
+
+
+def _quantize_file(path: str, cfg: QuantConfig, keep, prefix: str):
+    return quantize_on_device(lambda device: quantize_file(path, cfg, keep, prefix=prefix, device=device,
+                                                           progress=LoadProgress()))
 
 
 def post_load_adapter(family: Family):

@@ -28,6 +28,7 @@ from comfy import sd1_clip
 
 from ..quant import QuantConfig, resolve_compute
 from ._comfy_progress import LoadProgress
+from .comfy_fp8_loading import quantize_on_device
 from .comfy_fp8_ops import make_fp8_ops
 from .jina_clip_v2 import JinaTextConfig, JinaTextModel
 from .newbie_jina_tokenizer import EOS, PAD, JinaTokenizer
@@ -197,7 +198,11 @@ def load_newbie_text_encoders(gemma_path: str, jina_path: str, cfg: NewBieTEConf
         return comfy.sd.load_clip([gemma_path, jina_path], embedding_directory,
                                   clip_type=comfy.sd.CLIPType.NEWBIE, model_options=options)
     fp8 = cfg.fp8 if cfg.weight_format == "fp8" else None
-    gemma, jina = read_gemma(gemma_path, fp8, LoadProgress()), read_jina(jina_path, fp8, LoadProgress())
+    if fp8 is not None and load_device.type == "cuda":
+        gemma = quantize_on_device(lambda device: read_gemma(gemma_path, fp8, LoadProgress(), device))
+    else:
+        gemma = read_gemma(gemma_path, fp8, LoadProgress())
+    jina = read_jina(jina_path, fp8, LoadProgress())
     ops = _operations(cfg, load_device)
     if ops is not None:
         options["custom_operations"] = ops

@@ -207,3 +207,19 @@ def test_nan_layer_is_named(pack, tmp_path):
     save_file(sd, str(path))
     with pytest.raises(NonFiniteWeightError, match=r"double_blocks\.0\.img_attn\.qkv\.weight"):
         load(pack, str(path))
+
+
+def test_quantizing_falls_back_to_the_cpu_when_the_gpu_is_out_of_memory(pack, monkeypatch, caplog):
+    asked = []
+
+    def read(device):
+        asked.append(device.type)
+        if device.type == "cuda":
+            raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 300.00 MiB (simulated)")
+        return "read on the cpu"
+
+    monkeypatch.setattr(pack, "quantization_device", lambda: torch.device("cuda", 0))
+    with caplog.at_level("WARNING", logger="lowvram"):
+        assert pack.quantize_on_device(read) == "read on the cpu"
+    assert asked == ["cuda", "cpu"]
+    assert "quantizing on the CPU instead" in caplog.text
