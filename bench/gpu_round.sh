@@ -4,6 +4,7 @@
 # models it needs into /tmp/models (--cleanup deletes a family's files after its last job: the disk holds one).
 #
 #   bash bench/gpu_round.sh flux_e2e zimage_e2e         # inside device.run, with carry [".device"]
+#   LOWVRAM_GIT_COMMIT=$(git rev-parse HEAD) ...       # the hash, sent from here: results record it
 #
 # Rounds (what each measures is in bench/README.md, "Changed since the last GPU run"):
 #   recheck        the fixes of session 4: Flux 8 GB tier (cold and warm start), compile fidelity, ladder, NewBie

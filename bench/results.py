@@ -37,7 +37,12 @@ def command_line(argv: list[str] | None = None) -> str:
 
 def git_commit(repo: Path = REPO_ROOT) -> str | None:
     """HEAD's hash plus "-dirty" when tracked files differ; None outside a git checkout or before the
-    first commit (the device machine receives a copy of the tree without .git)."""
+    first commit. LOWVRAM_GIT_COMMIT, when set, wins: the device machine's copy of the tree may carry a
+    repository state older than the tree (2026-11-21 T2248/T2257 read e91c649-dirty), so gpu_round.sh is
+    started with the commit the caller sent."""
+    if os.environ.get("LOWVRAM_GIT_COMMIT"):
+        return os.environ["LOWVRAM_GIT_COMMIT"]
+
     def git(*args):
         return subprocess.run(["git", "-C", str(repo), *args], capture_output=True, text=True, timeout=20)
     try:
