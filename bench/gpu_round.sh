@@ -13,6 +13,7 @@
 #   fp8_compile    issue #3: ComfyUI bf16, ComfyUI bf16 + TorchCompileModel, ours fp8 (+ TorchCompileModel)
 #   dequant_sweep  issue #3: the dequant kernel's tiles over a Flux step's weights, GPU time only (CUDA graphs)
 #   newbie_issue7  issue #7: newbie_24gb resident bf16 unconstrained beside newbie_12gb's 6 GiB rows, one run
+#   newbie_warm    issue #7: newbie_12gb's 6 GiB rows, each after a warm-up start (compiled: a warm cache)
 #   launch_bound   host time to issue one Flux step of eager fp8 linears, with and without an NVML polling thread
 #   blocks_compile issue #3: ComfyUI bf16, ours fp8 eager and with CompileModelBlocks (rel L2 to eager)
 #   dequant_check  issue #3: ComfyUI bf16 and ours dequant in one run, and the dequant kernel's micro benchmark
@@ -81,6 +82,8 @@ for round in "$@"; do
             run 200 dequant_sweep python3 -m bench.dequant_sweep --out "$OUT/dequant_sweep.json" ;;
         newbie_issue7)   # issue #7: the resident bf16 pipeline unconstrained and the 6 GiB rows, in one run
             run 360 newbie_issue7 "${e2e[@]}" --workflows newbie_24gb,newbie_12gb --parts extra --cleanup ;;
+        newbie_warm)   # issue #7: the 6 GiB rows after a throwaway start (inductor's and Triton's caches on disk warm)
+            run 330 newbie_warm "${e2e[@]}" --workflows newbie_12gb --parts extra --warm-start --cleanup ;;
         launch_bound)   # is the eager fp8 Linear bound by the host? (no model files; about 30 s)
             run 100 launch_bound python3 -m bench.eager_launch_bound --out-dir "$OUT" ;;
         newbie_extra)   # fp8, NF4 and NF4 + CompileModelBlocks text-to-image in 6 GiB

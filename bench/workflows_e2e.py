@@ -210,7 +210,7 @@ def run_job(job: Job, ctx: Context) -> list[dict]:
     server = None
     try:
         budget.set(job.budgets[0])
-        warmup_s = _warm_up(ctx, base, api) if ctx.warm_start and job.part in ("tier", "core") else None
+        warmup_s = _warm_up(ctx, base, api) if ctx.warm_start and job.part in ("tier", "core", "extra") else None
         server, start_s = _start(ctx, base)
         for i, gib in enumerate(job.budgets):
             restarted, held = False, None
@@ -369,7 +369,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--out-dir", default=str(RESULTS_DIR))
     ap.add_argument("--time-budget-s", type=float, default=0, help="stop starting jobs after this long (0: no limit)")
     ap.add_argument("--cleanup", action="store_true", help="delete a family's synthetic files after its last job")
-    ap.add_argument("--warm-start", action="store_true", help="before the measured server of each tier and core "
+    ap.add_argument("--warm-start", action="store_true", help="before the measured server of each tier, core and extra "
                     "job, run the graph once in a throwaway server (kernel caches warm, as on a user's next start)")
     a = ap.parse_args(argv)
     from harness.main import available_workflows
