@@ -28,6 +28,36 @@ DOUBLE = [(HIDDEN, 6 * HIDDEN, 1), (HIDDEN, 3 * HIDDEN, None), (HIDDEN, HIDDEN, 
 SINGLE = [(HIDDEN, 3 * HIDDEN, 1), (HIDDEN, 7 * HIDDEN, IMG + TXT), (5 * HIDDEN, HIDDEN, IMG + TXT)]
 
 
+# NewBie-image Exp0.1 (harness/synthetic/nextdit.py NEWBIE_FULL): dim 2304, GQA qkv 2304 -> (24 + 2 * 8) * 96,
+# SwiGLU 9216, adaLN 1024 -> 4 * 2304 on the pooled vector; 36 layers and 2 noise refiners on image + caption
+# tokens (refiners: image only), 2 context refiners on the caption. At 1024x1024: 4096 image tokens per image.
+NB_DIM, NB_QKV, NB_FFN, NB_ADALN = 2304, 3840, 9216, 1024
+
+
+def newbie_block(tokens: int, modulation: bool) -> list[tuple[int, int, int]]:
+    mod = [(NB_ADALN, 4 * NB_DIM, 1)] if modulation else []
+    return mod + [(NB_DIM, NB_QKV, tokens), (NB_DIM, NB_DIM, tokens), (NB_DIM, NB_FFN, tokens),
+                  (NB_DIM, NB_FFN, tokens), (NB_FFN, NB_DIM, tokens)]
+
+
+def newbie_call_shapes(images: int, caption_tokens: int) -> list[tuple[int, int, int]]:
+    """One NewBie model call of `images` images (1: cond or uncond alone, as ComfyUI runs them when their caption
+    lengths differ; 2: both in one batch)."""
+    img, cap = 4096 * images, caption_tokens * images
+    shapes = []
+    for _ in range(2):
+        shapes += newbie_block(img, True)        # noise refiner
+    for _ in range(2):
+        shapes += newbie_block(cap, False)       # context refiner
+    for _ in range(36):
+        shapes += newbie_block(img + cap, True)
+    return shapes
+
+
+MODELS = {"flux": lambda a: step_shapes(),
+          "newbie": lambda a: newbie_call_shapes(a.images, a.caption_tokens)}
+
+
 def step_shapes() -> list[tuple[int, int, int]]:
     shapes = []
     for _ in range(19):
@@ -84,6 +114,10 @@ def main(argv=None) -> int:
     ap = argparse.ArgumentParser(prog="python -m bench.eager_launch_bound", description=__doc__.split("\n")[0])
     ap.add_argument("--out-dir", default=str(RESULTS_DIR))
     ap.add_argument("--steps", type=int, default=10)
+    ap.add_argument("--model", choices=sorted(MODELS), default="flux", help="whose linears: Flux-dev's step, or "
+                    "one NewBie model call")
+    ap.add_argument("--images", type=int, default=1, help="newbie: images in the call (1 or 2)")
+    ap.add_argument("--caption-tokens", type=int, default=200, help="newbie: caption tokens per image")
     a = ap.parse_args(argv)
     if not torch.cuda.is_available():
         raise SystemExit("bench.eager_launch_bound needs a CUDA GPU (it measures kernel launches)")
@@ -91,7 +125,7 @@ def main(argv=None) -> int:
     from quant.linear import Fp8Linear
 
     dev = torch.device("cuda")
-    shapes = step_shapes()
+    shapes = MODELS[a.model](a)
     layers, inputs, cache = [], [], {}
     for i, o, t in shapes:   # one layer object per shape (weights are shared; the host work is per call)
         if (i, o) not in cache:
@@ -113,9 +147,11 @@ def main(argv=None) -> int:
               f"wall {r['wall_s'] * 1e3:7.2f} ms, issue/wall {r['issue_over_wall']:.2f}", flush=True)
     env = {**host_environment(None), **device_environment(dev)}
     stamp = time.strftime("%Y-%m-%dT%H%M", time.gmtime())
-    out = Path(a.out_dir) / f"eager_launch_bound_{slug(env.get('device_name') or 'cuda')}_{stamp}.json"
+    tag = "" if a.model == "flux" else f"_{a.model}{a.images}"
+    out = Path(a.out_dir) / f"eager_launch_bound{tag}_{slug(env.get('device_name') or 'cuda')}_{stamp}.json"
     write_json(out, {"benchmark": "eager_launch_bound", "finished": utc_now(), "environment": env,
-                     "command": env.get("command"), "layers_per_step": len(shapes), "rows": rows})
+                     "command": env.get("command"), "model": a.model, "images": a.images,
+                     "caption_tokens": a.caption_tokens, "layers_per_step": len(shapes), "rows": rows})
     print(f"results: {out}")
     return 0
 

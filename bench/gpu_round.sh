@@ -14,6 +14,7 @@
 #   dequant_sweep  issue #3: the dequant kernel's tiles over a Flux step's weights, GPU time only (CUDA graphs)
 #   newbie_issue7  issue #7: newbie_24gb resident bf16 unconstrained beside newbie_12gb's 6 GiB rows, one run
 #   newbie_warm    issue #7: newbie_12gb's 6 GiB rows, each after a warm-up start (compiled: a warm cache)
+#   launch_newbie  issue #7: the same for one NewBie model call, 1 and 2 images per call
 #   launch_bound   host time to issue one Flux step of eager fp8 linears, with and without an NVML polling thread
 #   blocks_compile issue #3: ComfyUI bf16, ours fp8 eager and with CompileModelBlocks (rel L2 to eager)
 #   dequant_check  issue #3: ComfyUI bf16 and ours dequant in one run, and the dequant kernel's micro benchmark
@@ -84,6 +85,9 @@ for round in "$@"; do
             run 360 newbie_issue7 "${e2e[@]}" --workflows newbie_24gb,newbie_12gb --parts extra --cleanup ;;
         newbie_warm)   # issue #7: the 6 GiB rows after a throwaway start (inductor's and Triton's caches on disk warm)
             run 330 newbie_warm "${e2e[@]}" --workflows newbie_12gb --parts extra --warm-start --cleanup ;;
+        launch_newbie)   # issue #7: is eager fp8 host-bound on NewBie, one image per call (cond, uncond apart) and two
+            run 100 launch_newbie1 python3 -m bench.eager_launch_bound --out-dir "$OUT" --model newbie --images 1
+            run 100 launch_newbie2 python3 -m bench.eager_launch_bound --out-dir "$OUT" --model newbie --images 2 ;;
         launch_bound)   # is the eager fp8 Linear bound by the host? (no model files; about 30 s)
             run 100 launch_bound python3 -m bench.eager_launch_bound --out-dir "$OUT" ;;
         newbie_extra)   # fp8, NF4 and NF4 + CompileModelBlocks text-to-image in 6 GiB
