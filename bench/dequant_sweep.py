@@ -148,9 +148,8 @@ def run(reps: int, tiles: list[tuple[int, int, int]]) -> dict:
         print(f"[sweep] {variant}: {row.get('step_s', row.get('error'))}", flush=True)
         return row
 
-    previous = previous_dequant
-    record("previous", "shipped until e91c649: integer decode, one 1024-column strip per program", dequant_launches(
-        weights, lambda w, s, d: previous(w, s, d)))
+    record("previous", "shipped until e91c649: integer decode, one 1024-column strip per program",
+           dequant_launches(weights, previous_dequant))
     record("eager", "two PyTorch kernels (cast, then multiply)", dequant_launches(weights, dequantize_weight_eager))
     for rows_, block_k, warps in tiles:
         tile = dt.DequantTile(rows_, block_k, warps)
@@ -165,7 +164,7 @@ def run(reps: int, tiles: list[tuple[int, int, int]]) -> dict:
     bf16 = [(name, w.to(torch.bfloat16) * s[:, None].to(torch.bfloat16)) for name, _, w, s in weights.layers]
     for variant, launches in (
         ("bf16_linear", [lambda name=name, w=w: F.linear(weights.inputs_by_shape[name], w) for name, w in bf16]),
-        ("dequant_linear_previous", linear_launches(weights, lambda w, s, d: previous(w, s, d))),
+        ("dequant_linear_previous", linear_launches(weights, previous_dequant)),
         ("dequant_linear_shipped", linear_launches(weights, lambda w, s, d: dt.launch_dequant(w, s, d, shipped))),
         ("dequant_linear_best", linear_launches(weights, lambda w, s, d: dt.launch_dequant(w, s, d, best_tile))),
     ):
