@@ -110,6 +110,26 @@ def measure(layers, inputs, steps: int) -> dict:
             "wall_all_s": wall, "issue_over_wall": statistics.median(issue) / statistics.median(wall)}
 
 
+def host_profile(layers, inputs, steps: int, top: int = 30) -> list[dict]:
+    """cProfile of issuing `steps` calls of every layer (GPU work left to run on): where the host time goes, by
+    function, most own time first. Profiling slows Python calls down, so compare shares, not totals."""
+    import cProfile
+    import pstats
+
+    profiler = cProfile.Profile()
+    torch.cuda.synchronize()
+    profiler.enable()
+    for _ in range(steps):
+        for layer, x in zip(layers, inputs):
+            layer(x)
+    profiler.disable()
+    torch.cuda.synchronize()
+    stats = pstats.Stats(profiler)
+    rows = [{"function": f"{Path(file).name}:{line}({name})", "calls": nc, "own_s": tt, "cumulative_s": ct}
+            for (file, line, name), (_cc, nc, tt, ct, _callers) in stats.stats.items()]
+    return sorted(rows, key=lambda r: r["own_s"], reverse=True)[:top]
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(prog="python -m bench.eager_launch_bound", description=__doc__.split("\n")[0])
     ap.add_argument("--out-dir", default=str(RESULTS_DIR))
@@ -118,6 +138,7 @@ def main(argv=None) -> int:
                     "one NewBie model call")
     ap.add_argument("--images", type=int, default=1, help="newbie: images in the call (1 or 2)")
     ap.add_argument("--caption-tokens", type=int, default=200, help="newbie: caption tokens per image")
+    ap.add_argument("--host-profile", action="store_true", help="also cProfile the fp8 layers' issue loop")
     a = ap.parse_args(argv)
     if not torch.cuda.is_available():
         raise SystemExit("bench.eager_launch_bound needs a CUDA GPU (it measures kernel launches)")
@@ -142,6 +163,13 @@ def main(argv=None) -> int:
             with NvmlPoller() as poller:
                 row = measure(run_layers, inputs, a.steps)
             rows.append({"layers": name, "nvml_thread": True, "nvml_reads": poller.reads, **row})
+    profile = None
+    if a.host_profile:
+        with torch.no_grad():
+            profile = host_profile(layers, inputs, a.steps)
+        for r in profile[:15]:
+            print(f"{r['own_s'] * 1e3:8.2f} ms own {r['cumulative_s'] * 1e3:8.2f} ms cum {r['calls']:7d} calls  "
+                  f"{r['function']}", flush=True)
     for r in rows:
         print(f"{r['layers']:15s} nvml thread {str(r['nvml_thread']):5s}: issue {r['issue_s'] * 1e3:7.2f} ms, "
               f"wall {r['wall_s'] * 1e3:7.2f} ms, issue/wall {r['issue_over_wall']:.2f}", flush=True)
@@ -151,7 +179,8 @@ def main(argv=None) -> int:
     out = Path(a.out_dir) / f"eager_launch_bound{tag}_{slug(env.get('device_name') or 'cuda')}_{stamp}.json"
     write_json(out, {"benchmark": "eager_launch_bound", "finished": utc_now(), "environment": env,
                      "command": env.get("command"), "model": a.model, "images": a.images,
-                     "caption_tokens": a.caption_tokens, "layers_per_step": len(shapes), "rows": rows})
+                     "caption_tokens": a.caption_tokens, "layers_per_step": len(shapes), "rows": rows,
+                     "host_profile": profile})
     print(f"results: {out}")
     return 0
 

@@ -86,7 +86,8 @@ for round in "$@"; do
         newbie_warm)   # issue #7: the 6 GiB rows after a throwaway start (inductor's and Triton's caches on disk warm)
             run 330 newbie_warm "${e2e[@]}" --workflows newbie_12gb --parts extra --warm-start --cleanup ;;
         launch_newbie)   # issue #7: is eager fp8 host-bound on NewBie, one image per call (cond, uncond apart) and two
-            run 100 launch_newbie1 python3 -m bench.eager_launch_bound --out-dir "$OUT" --model newbie --images 1
+            run 100 launch_newbie1 python3 -m bench.eager_launch_bound --out-dir "$OUT" --model newbie --images 1 \
+                --host-profile
             run 100 launch_newbie2 python3 -m bench.eager_launch_bound --out-dir "$OUT" --model newbie --images 2 ;;
         launch_bound)   # is the eager fp8 Linear bound by the host? (no model files; about 30 s)
             run 100 launch_bound python3 -m bench.eager_launch_bound --out-dir "$OUT" ;;
