@@ -150,9 +150,7 @@ def criteria(rows: list[dict], loads: dict, choice: str | None, smoke: bool) -> 
     fp8 = find_row(rows, ACT_MODES.get(choice or "per_token", "ours_fp8_token"))
     # The same fp8 matmul model with CompileModelBlocks (extra "blocks_compile"): quantizing the activations
     # fuses with the norm and modulation before each linear, which the eager layer cannot do.
-    compiled = next((r for r in rows if str(r.get("mode", "")).endswith("+blocks_compile")
-                     and not str(r["mode"]).startswith("ours_dequant")
-                     and r.get("budget_gib") is None and not r.get("repeat")), None)
+    compiled = find_row(rows, "ours_fp8_token+blocks_compile")   # the extras run on the per-token model
     deq = find_row(rows, "ours_dequant")
     deq_compiled = find_row(rows, "ours_dequant+blocks_compile")
     lt = {k: v["median_s"] for k, v in loads.items()}
