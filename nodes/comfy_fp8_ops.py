@@ -8,7 +8,8 @@ layer is ComfyUI's ordinary manual-cast Linear.
 How the fp8 Linear meets ComfyUI:
 - forward: ComfyUI's cast_bias_weight moves the weight to the input's device *as fp8* (an offloaded layer
   streams 1 byte per weight, never an upcast copy), then quant.fp8_linear runs torch._scaled_mm or the
-  bf16 dequant path;
+  bf16 dequant path; a weight already on the input's device with no weight functions (LoRA in lowvram
+  mode) skips cast_bias_weight, which would return it unchanged;
 - LoRA: ComfyUI calls convert_weight (raw fp8 -> real values) before and set_weight (real -> fp8 with the
   layer's existing scale) after adding the patch, both when it patches weights in place and through its
   lowvram weight functions; the scale is kept because ComfyUI backs up and restores the weight only.
@@ -66,10 +67,18 @@ def make_fp8_ops(compute: str, act_scaling: str = "per_token"):
                 comfy.ops.uncast_bias_weight(self, weight, bias, stream)
                 return out
 
-            def forward(self, *args, **kwargs):
+            def forward(self, input, *args, **kwargs):
                 if self.weight_scale is None:
-                    return super().forward(*args, **kwargs)
-                return self.forward_comfy_cast_weights(*args, **kwargs)
+                    return super().forward(input, *args, **kwargs)
+                weight = self.weight
+                if weight.device == input.device and not self.weight_function and not self.bias_function:
+                    # Resident (or streamed into place by ChunkedOffloadUNet): cast_bias_weight would hand
+                    # back these very tensors, after some 15 us of host time per call that a one-image step
+                    # of 238 layers cannot hide (bench/results/eager_launch_bound_*). The bias is cast by
+                    # the GEMM path itself.
+                    return fp8_linear(input, weight, self.weight_scale, self.bias, out_dtype=input.dtype,
+                                      mode=compute, act_scaling=act_scaling)
+                return self.forward_comfy_cast_weights(input, *args, **kwargs)
 
             def _rows(self, t: torch.Tensor) -> torch.Tensor:
                 s = self.weight_scale.to(device=t.device, dtype=t.dtype)

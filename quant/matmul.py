@@ -9,6 +9,7 @@ import functools
 import logging
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
@@ -24,6 +25,7 @@ _TINY = torch.finfo(torch.float32).tiny
 # Output dtypes the row-wise kernels produce; other requests compute in bf16 and cast at the end.
 _GEMM_OUT_DTYPES = (torch.bfloat16, torch.float16, torch.float32)
 _FLOAT_DTYPES = (torch.bfloat16, torch.float16, torch.float32)
+_FP8_DTYPES = tuple(f.dtype for f in FP8_FORMATS.values())
 
 
 # ---------------------------------------------------------------------------------------------
@@ -49,6 +51,21 @@ def fp8_matmul_supported(device: torch.device | str) -> bool:
         return False
     index = device.index if device.index is not None else torch.cuda.current_device()
     return _cuda_capability(index) >= (8, 9)
+
+
+# (fp8_matmul_supported, device) -> its answer. The per-call paths ask this memo: the full check costs a few
+# microseconds (CUDA runtime queries), paid on every Linear of every step otherwise. The function itself is
+# part of the key so that a replaced check (tests put a fake one in) is asked again, never answered stale.
+_GEMM_DEVICES: dict[tuple[Callable[..., bool], torch.device], bool] = {}
+
+
+def fp8_gemm_on(device: torch.device) -> bool:
+    """fp8_matmul_supported(device), asked once per device."""
+    key = (fp8_matmul_supported, device)
+    known = _GEMM_DEVICES.get(key)
+    if known is None:
+        known = _GEMM_DEVICES[key] = fp8_matmul_supported(device)
+    return known
 
 
 class _Once:
@@ -78,7 +95,7 @@ def resolve_compute(mode: str, device: torch.device | str) -> str:
     if mode == "dequant":
         return "dequant"
     device = torch.device(device)
-    if fp8_matmul_supported(device):
+    if fp8_gemm_on(device):
         return "fp8"
     if (mode == "fp8" or device.type == "cuda") and _fallback_warning.first():
         log.warning(
@@ -245,25 +262,35 @@ def scaled_mm_unsupported_reason(x: torch.Tensor, w_fp8: torch.Tensor, w_scale: 
     K and N divisible by 16 (M is free); B column-major, i.e. the weight [N, K] contiguous so that
     w.t() is a view; scales of both operands tensor-wise or both row-wise; no e5m2 x e5m2; and (kept
     conservative) row-wise scaling only with e4m3fn weights, as the CUTLASS row-wise kernel wants.
+    The message of a failed rule is built only then (an f-string per rule per call cost microseconds).
     """
     n, k = w_fp8.shape
     rowwise = w_scale.numel() > 1 or act_scaling == "per_token"
     # Under torch.compile the capability query (cached, CUDA runtime) would break the graph at every
     # Linear; the load already resolved compute="fp8" for this device, so only the device type is checked.
     supported = (x.device.type in FP8_GEMM_DEVICE_TYPES if torch.compiler.is_compiling()
-                 else fp8_matmul_supported(x.device))
-    checks = (
+                 else fp8_gemm_on(x.device))
+    rules = (
         # ComfyUI may run a layer on the CPU (a text encoder it could not fit, lowvram): torch's CPU
         # _scaled_mm takes tensor-wise scales only, and has no fp8 units to win anything with.
-        (not supported, f"input on {x.device}, which has no fp8 GEMM"),
-        (w_fp8.dtype not in (f.dtype for f in FP8_FORMATS.values()), f"weight dtype {w_fp8.dtype} is not fp8"),
-        (x.dtype not in _FLOAT_DTYPES, f"input dtype {x.dtype} is not bf16/fp16/fp32"),
-        (k % 16 != 0 or n % 16 != 0, f"weight shape [{n}, {k}] is not divisible by 16"),
-        (not w_fp8.is_contiguous(), "weight is not contiguous (B must be column-major)"),
-        (w_scale.numel() not in (1, n), f"weight scale has {w_scale.numel()} elements, not 1 or {n}"),
-        (rowwise and w_fp8.dtype != _E4M3.dtype, "row-wise scaling needs e4m3fn weights"),
+        (lambda: not supported, lambda: f"input on {x.device}, which has no fp8 GEMM"),
+        (lambda: w_fp8.dtype not in _FP8_DTYPES, lambda: f"weight dtype {w_fp8.dtype} is not fp8"),
+        (lambda: x.dtype not in _FLOAT_DTYPES, lambda: f"input dtype {x.dtype} is not bf16/fp16/fp32"),
+        (lambda: k % 16 != 0 or n % 16 != 0, lambda: f"weight shape [{n}, {k}] is not divisible by 16"),
+        (lambda: not w_fp8.is_contiguous(), lambda: "weight is not contiguous (B must be column-major)"),
+        (lambda: w_scale.numel() not in (1, n), lambda: f"weight scale has {w_scale.numel()} elements, not 1 or {n}"),
+        (lambda: rowwise and w_fp8.dtype != _E4M3.dtype, lambda: "row-wise scaling needs e4m3fn weights"),
     )
-    return next((reason for failed, reason in checks if failed), None)
+    return next((reason() for failed, reason in rules if failed()), None)
+
+
+def _gemm_takes(x: torch.Tensor, w_fp8: torch.Tensor, w_scale: torch.Tensor) -> bool:
+    """The common call (e4m3fn weight, float input, eager) in one expression, so that it skips the rule table
+    above: True only where scaled_mm_unsupported_reason returns None; False sends the call to that table."""
+    n, k = w_fp8.shape
+    return (w_fp8.dtype == _E4M3.dtype and x.dtype in _FLOAT_DTYPES and not (n % 16 or k % 16)
+            and w_scale.numel() in (1, n) and w_fp8.is_contiguous() and not torch.compiler.is_compiling()
+            and fp8_gemm_on(x.device))
 
 
 def _act_quantizer() -> Callable[[torch.Tensor, str], tuple[torch.Tensor, torch.Tensor]]:
@@ -275,9 +302,9 @@ def _act_quantizer() -> Callable[[torch.Tensor, str], tuple[torch.Tensor, torch.
     return ACT_QUANTIZERS[_options.act_quant]()
 
 
-@dataclass(frozen=True)
-class ScaledMMArgs:
-    """The arguments of one `torch._scaled_mm` call, built and checked on any device."""
+class ScaledMMArgs(NamedTuple):
+    """The arguments of one `torch._scaled_mm` call, built and checked on any device. A NamedTuple: it is
+    built on every Linear call, and a frozen dataclass takes microseconds to construct."""
 
     a: torch.Tensor  # [M, K] e4m3fn, row-major
     b: torch.Tensor  # [K, N] fp8, column-major (a transposed view of the weight [N, K])
@@ -292,20 +319,26 @@ def prepare_scaled_mm(
     x2d: torch.Tensor, w_fp8: torch.Tensor, w_scale: torch.Tensor, bias: torch.Tensor | None,
     out_dtype: torch.dtype, act_scaling: str, fast_accum: bool = False,
 ) -> ScaledMMArgs:
-    """Quantize the activation and lay out the operands the way `torch._scaled_mm` requires."""
+    """Quantize the activation and lay out the operands the way `torch._scaled_mm` requires. Every reshape,
+    cast and copy below runs only when the operand is not already in shape: each costs host time per call."""
     m, n = x2d.shape[0], w_fp8.shape[0]
     a, scale_a = _act_quantizer()(x2d, act_scaling)
-    w_scale = w_scale.to(device=x2d.device, dtype=torch.float32)
+    if w_scale.dtype != torch.float32 or w_scale.device != x2d.device:
+        w_scale = w_scale.to(device=x2d.device, dtype=torch.float32)
     if w_scale.numel() == 1 and scale_a.numel() == 1 and act_scaling == "per_tensor":
         # Tensor-wise x tensor-wise: cuBLAS, any of bf16/fp16/fp32 out.
         scale_a, scale_b = scale_a.reshape(()), w_scale.reshape(())
         gemm_dtype = out_dtype if out_dtype in _GEMM_OUT_DTYPES else torch.bfloat16
     else:
         # Row-wise x row-wise (torch takes no mixed pair): a per-tensor side is broadcast to a row.
-        scale_a = scale_a.reshape(-1, 1).expand(m, 1).contiguous()
-        scale_b = w_scale.reshape(1, -1).expand(1, n).contiguous()
+        if scale_a.shape != (m, 1):   # the quantizers give [M, 1] per token already
+            scale_a = scale_a.reshape(-1, 1).expand(m, 1).contiguous()
+        scale_b = (w_scale.reshape(1, n) if w_scale.numel() == n
+                   else w_scale.reshape(1, 1).expand(1, n).contiguous())
         gemm_dtype = torch.bfloat16  # the one output dtype every row-wise backend accepts
-    gemm_bias = bias.to(gemm_dtype) if bias is not None and gemm_dtype != torch.float32 else None
+    gemm_bias = None
+    if bias is not None and gemm_dtype != torch.float32:
+        gemm_bias = bias if bias.dtype == gemm_dtype else bias.to(gemm_dtype)
     return ScaledMMArgs(a, w_fp8.t(), scale_a, scale_b, gemm_bias, gemm_dtype, fast_accum)
 
 
@@ -323,18 +356,21 @@ def linear_fp8(
 ) -> torch.Tensor:
     """fp8 GEMM for x [..., K]; a call the GEMM cannot take falls back to dequant (logged at debug).
     `fast_accum` None: the process-wide Fp8MatmulOptions.fast_accum."""
-    reason = scaled_mm_unsupported_reason(x, w_fp8, w_scale, act_scaling)
-    if reason is not None:
-        if not torch.compiler.is_compiling():   # a logging call would break a compiled graph
-            _note_fallback(reason)
-        return linear_dequant(x, w_fp8, w_scale, bias, out_dtype)
-    x2d = x.reshape(-1, x.shape[-1])
+    if not _gemm_takes(x, w_fp8, w_scale):
+        reason = scaled_mm_unsupported_reason(x, w_fp8, w_scale, act_scaling)
+        if reason is not None:
+            if not torch.compiler.is_compiling():   # a logging call would break a compiled graph
+                _note_fallback(reason)
+            return linear_dequant(x, w_fp8, w_scale, bias, out_dtype)
+    x2d = x if x.ndim == 2 else x.reshape(-1, x.shape[-1])
     fast_accum = _options.fast_accum if fast_accum is None else fast_accum
     args = prepare_scaled_mm(x2d, w_fp8, w_scale, bias, out_dtype, act_scaling, fast_accum)
     out = run_scaled_mm(args)
     if bias is not None and args.bias is None:
         out = out + bias.to(out.dtype)
-    return out.reshape(*x.shape[:-1], w_fp8.shape[0]).to(out_dtype)
+    if x.ndim != 2:
+        out = out.reshape(*x.shape[:-1], w_fp8.shape[0])
+    return out if out.dtype == out_dtype else out.to(out_dtype)
 
 
 _PATHS: dict[str, Callable[..., torch.Tensor]] = {"fp8": linear_fp8, "dequant": linear_dequant}

@@ -223,3 +223,25 @@ def test_quantizing_falls_back_to_the_cpu_when_the_gpu_is_out_of_memory(pack, mo
         assert pack.quantize_on_device(read) == "read on the cpu"
     assert asked == ["cuda", "cpu"]
     assert "quantizing on the CPU instead" in caplog.text
+
+
+def test_a_resident_fp8_layer_skips_cast_bias_weight_and_gives_the_same_output(pack, monkeypatch):
+    import comfy.ops
+
+    from lowvram_kit.nodes.comfy_fp8_ops import make_fp8_ops
+    from lowvram_kit.quant.scales import quantize_weight
+
+    g = torch.Generator().manual_seed(3)
+    q, scale = quantize_weight(torch.randn(48, 64, generator=g), "e4m3fn", "per_channel")
+    layer = make_fp8_ops("dequant").Linear(64, 48, device="meta")
+    layer.load_state_dict({"weight": q, "weight_scale": scale, "bias": torch.randn(48, generator=g)}, assign=True)
+    calls = []
+    real = comfy.ops.cast_bias_weight
+    monkeypatch.setattr(comfy.ops, "cast_bias_weight", lambda *a, **k: calls.append(1) or real(*a, **k))
+    x = torch.randn(5, 64, generator=g).to(torch.bfloat16)
+    direct = layer(x)
+    assert calls == [], "a weight on the input's device needs no cast"
+    assert torch.equal(direct, layer.forward_comfy_cast_weights(x))
+    calls.clear()
+    layer.weight_function.append(lambda w: w)   # a lowvram LoRA patch: the weight must go through ComfyUI's cast
+    assert torch.equal(layer(x), direct) and calls == [1]
