@@ -369,6 +369,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--out-dir", default=str(RESULTS_DIR))
     ap.add_argument("--time-budget-s", type=float, default=0, help="stop starting jobs after this long (0: no limit)")
     ap.add_argument("--cleanup", action="store_true", help="delete a family's synthetic files after its last job")
+    ap.add_argument("--graphs", default="", help="comma list of graph variants to keep, e.g. ours (default: all; "
+                    "ours, ours-nf4, ours-nf4-compiled, core, core-bf16)")
     ap.add_argument("--warm-start", action="store_true", help="before the measured server of each tier, core and extra "
                     "job, run the graph once in a throwaway server (kernel caches warm, as on a user's next start)")
     a = ap.parse_args(argv)
@@ -379,6 +381,10 @@ def main(argv: list[str] | None = None) -> int:
     if unknown := sorted(set(workflows) - set(available_workflows())):
         ap.error(f"--workflows: unknown {unknown}")
     jobs = plan_jobs(workflows, set(a.parts.split(",")))
+    if a.graphs:
+        jobs = [j for j in jobs if j.graph in a.graphs.split(",")]
+        if not jobs:
+            ap.error(f"--graphs {a.graphs}: no job of --workflows/--parts runs that graph")
     models_dir = Path(a.models_dir or default_models_dir("tiny" if a.smoke else "full")).resolve()
     models_dir.mkdir(parents=True, exist_ok=True)
     out_dir = Path(a.out_dir)
