@@ -138,8 +138,13 @@ def load_fp8_model(path: str, cfg: Fp8LoadConfig):
         saved = cfg.save_copy_to
     device = comfy.model_management.get_torch_device()
     compute = resolve_compute(quant_cfg.compute, device)
-    ops = make_fp8_ops(compute, quant_cfg.act_scaling)
-    options = {"custom_operations": ops, "dtype": HIGH_PRECISION_DTYPE.get(family.name, torch.bfloat16)}
+    high_precision = HIGH_PRECISION_DTYPE.get(family.name, torch.bfloat16)
+    # Cast-free operations where ComfyUI would pick them too: the high-precision weights are already in the
+    # dtype the model computes in. A norm or kept Linear then skips cast_bias_weight, host time on every call
+    # of every step.
+    cast = comfy.model_management.unet_manual_cast(high_precision, device) is not None
+    ops = make_fp8_ops(compute, quant_cfg.act_scaling, cast_weights=cast)
+    options = {"custom_operations": ops, "dtype": high_precision}
     counts = (len(qf.quantized), len(qf.fp8_source), len(qf.kept))
     adapter = post_load_adapter(family)
     extra = adapter.take_extra_weights(qf.state_dict, family.name, path) if adapter else None

@@ -28,11 +28,19 @@ from ..quant.formats import format_of_dtype
 log = logging.getLogger("lowvram")
 
 
-def make_fp8_ops(compute: str, act_scaling: str = "per_token"):
-    """An operations class for ComfyUI; `compute` is "fp8" (torch._scaled_mm) or "dequant" (bf16)."""
+def make_fp8_ops(compute: str, act_scaling: str = "per_token", cast_weights: bool = True):
+    """An operations class for ComfyUI; `compute` is "fp8" (torch._scaled_mm) or "dequant" (bf16).
 
-    class LowVRAMFp8Ops(comfy.ops.manual_cast):
-        class Linear(comfy.ops.manual_cast.Linear):
+    cast_weights: whether the layers that stay in high precision (norms, embeddings, kept Linears) cast their
+    weights to the input's dtype on every call, as ComfyUI's manual_cast operations do. ComfyUI itself picks
+    its cast-free operations when the weights are stored in the dtype the model computes in (bf16 on a GPU
+    that has it) and leaves casting to the layers it loads in part; pass False there to do the same. The
+    fp8 Linear below handles its own weight either way.
+    """
+    base = comfy.ops.manual_cast if cast_weights else comfy.ops.disable_weight_init
+
+    class LowVRAMFp8Ops(base):
+        class Linear(base.Linear):
             def reset_parameters(self):
                 self.weight_scale = None
                 return None

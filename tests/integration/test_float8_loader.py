@@ -245,3 +245,21 @@ def test_a_resident_fp8_layer_skips_cast_bias_weight_and_gives_the_same_output(p
     calls.clear()
     layer.weight_function.append(lambda w: w)   # a lowvram LoRA patch: the weight must go through ComfyUI's cast
     assert torch.equal(layer(x), direct) and calls == [1]
+
+
+def test_cast_free_operations_where_comfyui_would_pick_them_give_the_same_output(pack, flux_path, monkeypatch):
+    import comfy.model_management
+
+    def casting(model):
+        """comfy_cast_weights of every high-precision layer that has the flag (norms, kept Linears)."""
+        return {m.comfy_cast_weights for m in model.model.diffusion_model.modules()
+                if hasattr(m, "comfy_cast_weights") and getattr(m, "weight_scale", None) is None}
+
+    # On a GPU with bf16, ComfyUI computes a bf16 model in bf16 and picks operations that cast nothing.
+    monkeypatch.setattr(comfy.model_management, "unet_manual_cast", lambda *a, **k: None)
+    free, _ = load(pack, flux_path)
+    real = pack.make_fp8_ops
+    monkeypatch.setattr(pack, "make_fp8_ops", lambda *a, **k: real(*a, **{**k, "cast_weights": True}))
+    cast, _ = load(pack, flux_path)
+    assert casting(free) == {False} and casting(cast) == {True}
+    assert torch.equal(denoise(free), denoise(cast))
