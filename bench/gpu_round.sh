@@ -15,8 +15,8 @@
 #   newbie_issue7  issue #7: newbie_24gb resident bf16 unconstrained beside newbie_12gb's 6 GiB rows, one run
 #   newbie_warm    issue #7: newbie_12gb's 6 GiB rows, each after a warm-up start (compiled: a warm cache)
 #   launch_newbie  issue #7: the same for one NewBie model call, 1 and 2 images per call
-#   newbie_lean    issue #7 after the leaner fp8 Linear: resident bf16 and the 6 GiB fp8 row in one run, the fp8
-#                  row again after a warm-up start, and one NewBie model call's launch bound (1 and 2 images)
+#   newbie_lean    issue #7 after the leaner fp8 Linear: resident bf16 and the 6 GiB fp8 row in one run, cold,
+#                  then both again each after a warm-up start
 #   launch_bound   host time to issue one Flux step of eager fp8 linears, with and without an NVML polling thread
 #   blocks_compile issue #3: ComfyUI bf16, ours fp8 eager and with CompileModelBlocks (rel L2 to eager)
 #   dequant_check  issue #3: ComfyUI bf16 and ours dequant in one run, and the dequant kernel's micro benchmark
@@ -87,13 +87,11 @@ for round in "$@"; do
             run 360 newbie_issue7 "${e2e[@]}" --workflows newbie_24gb,newbie_12gb --parts extra --cleanup ;;
         newbie_warm)   # issue #7: the 6 GiB rows after a throwaway start (inductor's and Triton's caches on disk warm)
             run 330 newbie_warm "${e2e[@]}" --workflows newbie_12gb --parts extra --warm-start --cleanup ;;
-        newbie_lean)   # issue #7: the fp8 rows only (no NF4 or compiled rows), cold then warm, then the launch bound
+        newbie_lean)   # issue #7: the fp8 rows only (no NF4 or compiled rows) beside resident bf16, cold, then both
+                       # again each after a warm-up start (the same footing: kernel caches on disk warm for both)
             run 240 newbie_lean_cold "${e2e[@]}" --workflows newbie_24gb,newbie_12gb --parts extra --graphs ours
-            run 160 newbie_lean_warm "${e2e[@]}" --workflows newbie_12gb --parts extra --graphs ours --warm-start \
-                --cleanup
-            run 60 launch_newbie1 python3 -m bench.eager_launch_bound --out-dir "$OUT" --model newbie --images 1 \
-                --host-profile
-            run 60 launch_newbie2 python3 -m bench.eager_launch_bound --out-dir "$OUT" --model newbie --images 2 ;;
+            run 280 newbie_lean_warm "${e2e[@]}" --workflows newbie_24gb,newbie_12gb --parts extra --graphs ours \
+                --warm-start --cleanup ;;
         launch_newbie)   # issue #7: is eager fp8 host-bound on NewBie, one image per call (cond, uncond apart) and two
             run 100 launch_newbie1 python3 -m bench.eager_launch_bound --out-dir "$OUT" --model newbie --images 1 \
                 --host-profile
