@@ -15,6 +15,8 @@
 #   newbie_issue7  issue #7: newbie_24gb resident bf16 unconstrained beside newbie_12gb's 6 GiB rows, one run
 #   newbie_warm    issue #7: newbie_12gb's 6 GiB rows, each after a warm-up start (compiled: a warm cache)
 #   launch_newbie  issue #7: the same for one NewBie model call, 1 and 2 images per call
+#   flux8_lean     issue #8: flux_dev_8gb and flux_dev_24gb (ours) beside the official graph fp8 unconstrained, each
+#                  after a warm-up start
 #   newbie_lean    issue #7 after the leaner fp8 Linear: resident bf16 and the 6 GiB fp8 row in one run, cold,
 #                  then both again each after a warm-up start
 #   launch_bound   host time to issue one Flux step of eager fp8 linears, with and without an NVML polling thread
@@ -87,6 +89,9 @@ for round in "$@"; do
             run 360 newbie_issue7 "${e2e[@]}" --workflows newbie_24gb,newbie_12gb --parts extra --cleanup ;;
         newbie_warm)   # issue #7: the 6 GiB rows after a throwaway start (inductor's and Triton's caches on disk warm)
             run 330 newbie_warm "${e2e[@]}" --workflows newbie_12gb --parts extra --warm-start --cleanup ;;
+        flux8_lean)   # issue #8: the 8 GB workflow's first prompt against the official graph unconstrained, same run
+            run 420 flux8_lean "${e2e[@]}" --workflows flux_dev_8gb,flux_dev_24gb --parts tier,extra --graphs ours,core \
+                --warm-start --cleanup ;;
         newbie_lean)   # issue #7: the fp8 rows only (no NF4 or compiled rows) beside resident bf16, cold, then both
                        # again each after a warm-up start (the same footing: kernel caches on disk warm for both)
             run 240 newbie_lean_cold "${e2e[@]}" --workflows newbie_24gb,newbie_12gb --parts extra --graphs ours
