@@ -81,9 +81,9 @@ def make_fp8_ops(compute: str, act_scaling: str = "per_token", cast_weights: boo
                 weight = self.weight
                 if weight.device == input.device and not self.weight_function and not self.bias_function:
                     # Resident (or streamed into place by ChunkedOffloadUNet): cast_bias_weight would hand
-                    # back these very tensors, after some 15 us of host time per call that a one-image step
-                    # of 238 layers cannot hide (bench/results/eager_launch_bound_*). The bias is cast by
-                    # the GEMM path itself.
+                    # back these very tensors, after host work on every call; a one-image NewBie call has
+                    # 238 such layers and is bound by the host (bench/results/eager_launch_bound_*). The
+                    # bias is cast by the GEMM path itself.
                     return fp8_linear(input, weight, self.weight_scale, self.bias, out_dtype=input.dtype,
                                       mode=compute, act_scaling=act_scaling)
                 return self.forward_comfy_cast_weights(input, *args, **kwargs)

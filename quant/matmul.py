@@ -262,7 +262,7 @@ def scaled_mm_unsupported_reason(x: torch.Tensor, w_fp8: torch.Tensor, w_scale: 
     K and N divisible by 16 (M is free); B column-major, i.e. the weight [N, K] contiguous so that
     w.t() is a view; scales of both operands tensor-wise or both row-wise; no e5m2 x e5m2; and (kept
     conservative) row-wise scaling only with e4m3fn weights, as the CUTLASS row-wise kernel wants.
-    The message of a failed rule is built only then (an f-string per rule per call cost microseconds).
+    The common call does not come here (see _gemm_takes): formatting these messages costs host time.
     """
     n, k = w_fp8.shape
     rowwise = w_scale.numel() > 1 or act_scaling == "per_token"
@@ -270,23 +270,23 @@ def scaled_mm_unsupported_reason(x: torch.Tensor, w_fp8: torch.Tensor, w_scale: 
     # Linear; the load already resolved compute="fp8" for this device, so only the device type is checked.
     supported = (x.device.type in FP8_GEMM_DEVICE_TYPES if torch.compiler.is_compiling()
                  else fp8_gemm_on(x.device))
-    rules = (
+    checks = (
         # ComfyUI may run a layer on the CPU (a text encoder it could not fit, lowvram): torch's CPU
         # _scaled_mm takes tensor-wise scales only, and has no fp8 units to win anything with.
-        (lambda: not supported, lambda: f"input on {x.device}, which has no fp8 GEMM"),
-        (lambda: w_fp8.dtype not in _FP8_DTYPES, lambda: f"weight dtype {w_fp8.dtype} is not fp8"),
-        (lambda: x.dtype not in _FLOAT_DTYPES, lambda: f"input dtype {x.dtype} is not bf16/fp16/fp32"),
-        (lambda: k % 16 != 0 or n % 16 != 0, lambda: f"weight shape [{n}, {k}] is not divisible by 16"),
-        (lambda: not w_fp8.is_contiguous(), lambda: "weight is not contiguous (B must be column-major)"),
-        (lambda: w_scale.numel() not in (1, n), lambda: f"weight scale has {w_scale.numel()} elements, not 1 or {n}"),
-        (lambda: rowwise and w_fp8.dtype != _E4M3.dtype, lambda: "row-wise scaling needs e4m3fn weights"),
+        (not supported, f"input on {x.device}, which has no fp8 GEMM"),
+        (w_fp8.dtype not in _FP8_DTYPES, f"weight dtype {w_fp8.dtype} is not fp8"),
+        (x.dtype not in _FLOAT_DTYPES, f"input dtype {x.dtype} is not bf16/fp16/fp32"),
+        (k % 16 != 0 or n % 16 != 0, f"weight shape [{n}, {k}] is not divisible by 16"),
+        (not w_fp8.is_contiguous(), "weight is not contiguous (B must be column-major)"),
+        (w_scale.numel() not in (1, n), f"weight scale has {w_scale.numel()} elements, not 1 or {n}"),
+        (rowwise and w_fp8.dtype != _E4M3.dtype, "row-wise scaling needs e4m3fn weights"),
     )
-    return next((reason() for failed, reason in rules if failed()), None)
+    return next((reason for failed, reason in checks if failed), None)
 
 
 def _gemm_takes(x: torch.Tensor, w_fp8: torch.Tensor, w_scale: torch.Tensor) -> bool:
-    """The common call (e4m3fn weight, float input, eager) in one expression, so that it skips the rule table
-    above: True only where scaled_mm_unsupported_reason returns None; False sends the call to that table."""
+    """The common call (e4m3fn weight, float input, eager) in one expression, so that it skips the checks
+    above: True only where scaled_mm_unsupported_reason returns None; False sends the call to them."""
     n, k = w_fp8.shape
     return (w_fp8.dtype == _E4M3.dtype and x.dtype in _FLOAT_DTYPES and not (n % 16 or k % 16)
             and w_scale.numel() in (1, n) and w_fp8.is_contiguous() and not torch.compiler.is_compiling()
