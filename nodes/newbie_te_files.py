@@ -219,7 +219,8 @@ _GEMMA_KEEP = (r"(model\.)?embed_tokens",)  # a lookup table: fp8 would need a p
 def read_gemma(path: str, fp8: QuantConfig | None = None, progress: Progress | None = None,
                device: torch.device | str = "cpu") -> TextEncoderFile:
     """Gemma-3-4B-it from any layout above, in ComfyUI's keys; fp8 (per-channel) when `fp8` is given, quantized
-    on `device` (a GPU quantizes the 3.9e9 weights several times faster than the CPU; same bytes)."""
+    on `device` (same bytes; at 6 GiB on the H200 NewBieTextEncoderLoader's loading stage took 2.3-2.5 s with the
+    GPU quantizing against 3.6-4.2 s with the CPU, bench/results/workflows_e2e_*T2249 / T2304)."""
     expect_kind(path, "gemma3", "gemma_name")
     paths = shard_paths(path)
     keys, metadata = _header(paths)
