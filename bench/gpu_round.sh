@@ -19,6 +19,7 @@
 #                  after a warm-up start
 #   newbie_lean    issue #7 after the leaner fp8 Linear: resident bf16 and the 6 GiB fp8 row in one run, cold,
 #                  then both again each after a warm-up start
+#   profile_first  issues #7/#8: call trees of the first prompt (flux_dev_8gb warm start, NewBie 6 GiB cold)
 #   launch_bound   host time to issue one Flux step of eager fp8 linears, with and without an NVML polling thread
 #   blocks_compile issue #3: ComfyUI bf16, ours fp8 eager and with CompileModelBlocks (rel L2 to eager)
 #   dequant_check  issue #3: ComfyUI bf16 and ours dequant in one run, and the dequant kernel's micro benchmark
@@ -92,6 +93,12 @@ for round in "$@"; do
         flux8_lean)   # issue #8: the 8 GB workflow's first prompt against the official graph unconstrained, same run
             run 420 flux8_lean "${e2e[@]}" --workflows flux_dev_8gb,flux_dev_24gb --parts tier,extra --graphs ours,core \
                 --warm-start --cleanup ;;
+        profile_first)   # issues #7/#8: where the first prompt's time goes (bench.stack_sampler call trees in the log):
+                         # flux_dev_8gb after a warm-up start, then NewBie's 6 GiB fp8 row on a cold start
+            run 240 flux8_profile "${e2e[@]}" --workflows flux_dev_8gb --parts tier --graphs ours --warm-start \
+                --stack-samples /tmp/stacks --cleanup
+            run 200 newbie_profile "${e2e[@]}" --workflows newbie_12gb --parts extra --graphs ours --stack-samples \
+                /tmp/stacks --cleanup ;;
         newbie_lean)   # issue #7: the fp8 rows only (no NF4 or compiled rows) beside resident bf16, cold, then both
                        # again each after a warm-up start (the same footing: kernel caches on disk warm for both)
             run 240 newbie_lean_cold "${e2e[@]}" --workflows newbie_24gb,newbie_12gb --parts extra --graphs ours

@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import re
 import shutil
 import subprocess
@@ -37,6 +38,7 @@ from harness.main import CPU_DEFAULTS, apply_overrides, load_workflow, required_
 from harness.server import ComfyServer, ServerConfig, ServerError
 from harness.workflow_api import TEST_NODES_DIR, ui_to_api, use_tiny_text_encoders
 
+from . import stack_sampler
 from .ballast_process import BallastError, BallastProcess
 from .core_graph import to_core
 from .nvml_timeline import NvmlTimeline
@@ -108,6 +110,7 @@ class Context:
     empty_used: int | None          # device memory used before anything of ours ran
     generated: set[Path] = field(default_factory=set)
     warm_start: bool = False        # a throwaway server + prompt first: kernel caches warm, as from a user's 2nd start
+    stacks_dir: Path | None = None  # sample the measured servers' prompt worker (bench.stack_sampler) into here
 
 
 def graph_for(job: Job, ctx: Context) -> dict:
@@ -169,10 +172,14 @@ def ensure_models(api: dict, ctx: Context) -> list[str]:
     return written
 
 
-def server_config(ctx: Context, base: Path) -> ServerConfig:
+def server_config(ctx: Context, base: Path, stacks: Path | None = None) -> ServerConfig:
     return ServerConfig(base_dir=base, models_dirs=(ctx.models_dir,), cpu=ctx.smoke,
                         front_end_root=FRONT_END if FRONT_END.is_dir() else None,
-                        extra_node_dirs=(REPO_ROOT / TEST_NODES_DIR,) if ctx.smoke else ())
+                        extra_node_dirs=(REPO_ROOT / TEST_NODES_DIR,) if ctx.smoke else (),
+                        launcher=stack_sampler.launcher(stacks) if stacks else (),
+                        env={"PYTHONPATH": os.pathsep.join(filter(None, [str(REPO_ROOT),
+                                                                          os.environ.get("PYTHONPATH")]))}
+                        if stacks else {})
 
 
 class Budget:
@@ -207,11 +214,14 @@ def run_job(job: Job, ctx: Context) -> list[dict]:
     budget = Budget(ctx)
     base = Path(tempfile.mkdtemp(prefix="bench-e2e-"))
     seen_reports: set[Path] = set()
-    server = None
+    server, stacks = None, None
     try:
         budget.set(job.budgets[0])
         warmup_s = _warm_up(ctx, base, api) if ctx.warm_start and job.part in ("tier", "core", "extra") else None
-        server, start_s = _start(ctx, base)
+        if ctx.stacks_dir is not None:
+            stacks = ctx.stacks_dir / f"stacks_{job.workflow}_{job.graph}_{job.part}.tsv"
+            stacks.unlink(missing_ok=True)
+        server, start_s = _start(ctx, base, stacks)
         for i, gib in enumerate(job.budgets):
             restarted, held = False, None
             if i > 0:   # the ladder: free the models, then leave only the next budget beside what the server holds
@@ -256,6 +266,8 @@ def run_job(job: Job, ctx: Context) -> list[dict]:
             server.stop()
         budget.release()
         shutil.rmtree(base, ignore_errors=True)
+        if stacks is not None and stacks.is_file():   # one burst per prompt: the first, then the repeat
+            print(stack_sampler.report(stacks), flush=True)
     return rows
 
 
@@ -276,9 +288,9 @@ def _warm_up(ctx: Context, base: Path, api: dict) -> float | None:
             server.stop()
 
 
-def _start(ctx: Context, base: Path) -> tuple[ComfyServer, float]:
+def _start(ctx: Context, base: Path, stacks: Path | None = None) -> tuple[ComfyServer, float]:
     t0 = time.monotonic()
-    server = ComfyServer(server_config(ctx, base))
+    server = ComfyServer(server_config(ctx, base, stacks))
     server.start()
     return server, time.monotonic() - t0
 
@@ -373,6 +385,8 @@ def main(argv: list[str] | None = None) -> int:
                     "ours, ours-nf4, ours-nf4-compiled, core, core-bf16)")
     ap.add_argument("--warm-start", action="store_true", help="before the measured server of each tier, core and extra "
                     "job, run the graph once in a throwaway server (kernel caches warm, as on a user's next start)")
+    ap.add_argument("--stack-samples", default=None, help="a folder: sample each measured server's prompt worker "
+                    "(bench.stack_sampler) into it and print the call tree of every prompt")
     a = ap.parse_args(argv)
     from harness.main import available_workflows
     from harness.synthetic.cache import default_models_dir
@@ -392,7 +406,9 @@ def main(argv: list[str] | None = None) -> int:
     started = time.monotonic()
     with NvmlTimeline() as timeline:
         ctx = Context(models_dir, fetch_object_info(models_dir, a.smoke), a.smoke, timeline, timeline.used_now(),
-                      warm_start=a.warm_start)
+                      warm_start=a.warm_start, stacks_dir=Path(a.stack_samples) if a.stack_samples else None)
+        if ctx.stacks_dir is not None:
+            ctx.stacks_dir.mkdir(parents=True, exist_ok=True)
         device = _device_name()
         stamp = time.strftime("%Y-%m-%dT%H%M")
         out = out_dir / f"workflows_e2e_{'smoke' if a.smoke else device}_{stamp}.json"

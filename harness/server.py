@@ -45,6 +45,7 @@ class ServerConfig:
     port: int = 0  # 0 = pick a free one
     extra_args: tuple[str, ...] = ()
     python: str = sys.executable
+    launcher: tuple[str, ...] = ()  # arguments between python and main.py (bench.stack_sampler.launcher())
     comfy_path: Path | None = None
     front_end_root: Path | None = None  # the GPU machine has no frontend package: pass a folder
     extra_node_dirs: tuple[Path, ...] = ()  # more custom-node folders to link in (test-only nodes)
@@ -109,7 +110,7 @@ class ComfyServer:
 
     def command(self) -> list[str]:
         cfg = self.config
-        cmd = [cfg.python, str(self.comfy_path / "main.py"), "--listen", "127.0.0.1", "--port", str(self.port),
+        cmd = [cfg.python, *cfg.launcher, str(self.comfy_path / "main.py"), "--listen", "127.0.0.1", "--port", str(self.port),
                "--base-directory", str(self.base_dir), "--disable-auto-launch",
                "--database-url", f"sqlite:///{self.base_dir / 'user' / 'comfyui.db'}"]
         if cfg.cpu:
