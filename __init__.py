@@ -48,6 +48,7 @@ NODE_CLASS_MAPPINGS = {
     "NewBieDiTLoader": _node("newbie_dit_loader", "NewBieDiTLoader"),
     "VRAMGuard": _node("vram_guard", "VRAMGuard"),
     "CompileModelBlocks": _node("compile_model_blocks", "CompileModelBlocks"),
+    "ChunkedOffloadTextEncoder": _node("chunked_offload_text_encoder", "ChunkedOffloadTextEncoder"),
 }
 NODE_DISPLAY_NAME_MAPPINGS = {
     "Float8DiTLoader": "Float8 DiT Loader (LowVRAM)",
@@ -60,6 +61,7 @@ NODE_DISPLAY_NAME_MAPPINGS = {
     "NewBieDiTLoader": "NewBie DiT Loader (LowVRAM)",
     "VRAMGuard": "VRAM Guard (LowVRAM)",
     "CompileModelBlocks": "Compile Model Blocks (LowVRAM)",
+    "ChunkedOffloadTextEncoder": "Chunked Offload Text Encoder (LowVRAM)",
 }
 
 

@@ -20,6 +20,7 @@
 #   newbie_lean    issue #7 after the leaner fp8 Linear: resident bf16 and the 6 GiB fp8 row in one run, cold,
 #                  then both again each after a warm-up start
 #   profile_first  issues #7/#8: call trees of the first prompt (flux_dev_8gb warm start, NewBie 6 GiB cold)
+#   te_stream_flux, te_stream_zimage   issue #8: the workflows with and without ChunkedOffloadTextEncoder
 #   launch_bound   host time to issue one Flux step of eager fp8 linears, with and without an NVML polling thread
 #   blocks_compile issue #3: ComfyUI bf16, ours fp8 eager and with CompileModelBlocks (rel L2 to eager)
 #   dequant_check  issue #3: ComfyUI bf16 and ours dequant in one run, and the dequant kernel's micro benchmark
@@ -99,6 +100,15 @@ for round in "$@"; do
                 --stack-samples /tmp/stacks --cleanup
             run 200 newbie_profile "${e2e[@]}" --workflows newbie_12gb --parts extra --graphs ours --stack-samples \
                 /tmp/stacks --cleanup ;;
+        te_stream_flux)   # issue #8: flux_dev_8gb with and without ChunkedOffloadTextEncoder (A/B, call trees), and
+                          # the official graph fp8 unconstrained (the bar) in the same run
+            run 330 flux8_te_ab "${e2e[@]}" --workflows flux_dev_8gb --parts tier,te_ab --graphs ours,ours-plainte \
+                --warm-start --stack-samples /tmp/stacks
+            run 150 flux_core_bar "${e2e[@]}" --workflows flux_dev_24gb --parts extra --graphs core --warm-start \
+                --cleanup ;;
+        te_stream_zimage)   # issue #8: Z-Image-Turbo 12 and 16 GB with and without ChunkedOffloadTextEncoder
+            run 450 zimage_te_ab "${e2e[@]}" --workflows z_image_turbo_12gb,z_image_turbo_16gb --parts tier,te_ab \
+                --graphs ours,ours-plainte --warm-start --cleanup ;;
         newbie_lean)   # issue #7: the fp8 rows only (no NF4 or compiled rows) beside resident bf16, cold, then both
                        # again each after a warm-up start (the same footing: kernel caches on disk warm for both)
             run 240 newbie_lean_cold "${e2e[@]}" --workflows newbie_24gb,newbie_12gb --parts extra --graphs ours

@@ -13,6 +13,7 @@ before the server starts, so the server's own CUDA context counts against the bu
 - core: the same graph rewritten to ComfyUI core nodes (bench.core_graph), same budget, same prompts.
 - ladder: our graph at every budget below the tier down to 4 GiB in one server (ballast re-made between
   prompts, models freed first), few steps: does VRAMGuard's adapt policy finish with the peak inside?
+- te_ab: our graph without ChunkedOffloadTextEncoder, the text encoders loaded and evicted by ComfyUI.
 - extra: the unconstrained references: Flux core graph (fp8 as in Comfy-Org's official graph, and bf16),
   NewBie resident bf16 pipeline (newbie_24gb unconstrained) and NewBie fp8 + streaming at 6 GiB (issue #7).
 Full-size synthetic models are written once per family in a subprocess (no CUDA in this process), and
@@ -40,7 +41,7 @@ from harness.workflow_api import TEST_NODES_DIR, ui_to_api, use_tiny_text_encode
 
 from . import stack_sampler
 from .ballast_process import BallastError, BallastProcess
-from .core_graph import to_core
+from .core_graph import bypass, to_core
 from .nvml_timeline import NvmlTimeline
 from .results import REPO_ROOT, RESULTS_DIR, host_environment, utc_now, write_json
 from .workflow_prompt import GiB, run_prompt
@@ -80,6 +81,8 @@ def plan_jobs(workflows: list[str], parts: set[str]) -> list[Job]:
         tier = float(tier_gib(w))
         if "tier" in parts:
             jobs.append(Job(w, "ours", (tier,), "tier"))
+        if "te_ab" in parts:   # the same graph without ChunkedOffloadTextEncoder (nothing to compare without one)
+            jobs.append(Job(w, "ours-plainte", (tier,), "te_ab", label="text encoders as ComfyUI loads them"))
         if "core" in parts:
             jobs.append(Job(w, "core", (tier,), "core"))
         if "ladder" in parts:
@@ -120,6 +123,8 @@ def graph_for(job: Job, ctx: Context) -> dict:
         for node in api.values():
             if node["class_type"] == "NewBieTextEncoderLoader":
                 node["inputs"]["weight_format"] = "nf4"
+    if "plainte" in variants:   # the text encoders as ComfyUI loads them (A/B for ChunkedOffloadTextEncoder)
+        api = bypass(api, {"ChunkedOffloadTextEncoder": "clip"})
     if "compiled" in variants:
         insert_after(api, "ChunkedOffloadUNet", "CompileModelBlocks", {"mode": "default"})
     if job.graph.startswith("core"):
@@ -382,7 +387,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--time-budget-s", type=float, default=0, help="stop starting jobs after this long (0: no limit)")
     ap.add_argument("--cleanup", action="store_true", help="delete a family's synthetic files after its last job")
     ap.add_argument("--graphs", default="", help="comma list of graph variants to keep, e.g. ours (default: all; "
-                    "ours, ours-nf4, ours-nf4-compiled, core, core-bf16)")
+                    "ours, ours-nf4, ours-nf4-compiled, ours-plainte, core, core-bf16)")
     ap.add_argument("--warm-start", action="store_true", help="before the measured server of each tier, core and extra "
                     "job, run the graph once in a throwaway server (kernel caches warm, as on a user's next start)")
     ap.add_argument("--stack-samples", default=None, help="a folder: sample each measured server's prompt worker "

@@ -54,14 +54,14 @@ def _guarded(nodes: list) -> list:
 
 
 def _flux_nodes(streamed: bool) -> list:
-    """Flux-dev text-to-image: Float8DiTLoader, optionally ChunkedOffloadUNet (node 2, the rest shift by one)
-    and LazyVAEDecode instead of VAEDecode."""
+    """Flux-dev text-to-image: Float8DiTLoader; streamed, also ChunkedOffloadUNet (node 2, the rest shift by
+    one), ChunkedOffloadTextEncoder after the CLIP loader and LazyVAEDecode instead of VAEDecode."""
     o = 1 if streamed else 0
     decode = (NodeSpec(9 + o, "LazyVAEDecode", {"tiling": "auto"}, links={"samples": (7 + o, 0), "vae": (8 + o, 0)},
                        size=(340, 160)) if streamed
               else NodeSpec(9, "VAEDecode", links={"samples": (7, 0), "vae": (8, 0)}))
     stream = [NodeSpec(2, "ChunkedOffloadUNet", {"vram_budget_gb": 0.0}, links={"model": (1, 0)}, size=(340, 160))]
-    return _guarded([
+    nodes = _guarded([
         NodeSpec(1, "Float8DiTLoader", {"model_name": FLUX_DEV["name"]}, properties={"models": [FLUX_DEV]},
                  size=(340, 200)),
         *(stream if streamed else []),
@@ -80,6 +80,23 @@ def _flux_nodes(streamed: bool) -> list:
         decode,
         NodeSpec(10 + o, "SaveImage", {"filename_prefix": "lowvram_flux"}, links={"images": (9 + o, 0)}),
     ])
+    return _streamed_text_encoder(nodes, "CLIPTextEncode") if streamed else nodes
+
+
+def _streamed_text_encoder(nodes: list, encode_type: str) -> list:
+    """`nodes` with a ChunkedOffloadTextEncoder (id: one above the highest) between the CLIP loader and the
+    `encode_type` nodes it fed: ComfyUI then evicts the encoder without copying it back to the host."""
+    te_id = max(n.id for n in nodes) + 1
+    (source,) = {n.links["clip"] for n in nodes if n.type == encode_type}
+    out = []
+    for n in nodes:
+        if n.type == encode_type:
+            n = dataclasses.replace(n, links={**n.links, "clip": (te_id, 0)})
+        out.append(n)
+        if n.id == source[0]:
+            out.append(NodeSpec(te_id, "ChunkedOffloadTextEncoder", {"vram_budget_gb": 0.0}, links={"clip": source},
+                                size=(340, 130)))
+    return out
 
 
 def _sdxl_nodes(decode_type: str) -> list:
@@ -158,6 +175,14 @@ STREAM_NOTE = ("ChunkedOffloadUNet (vram_budget_gb 0 = auto: what is free when s
                "activations and a margin) keeps what fits on the GPU and streams the other blocks from pinned "
                "host memory, copies overlapped with compute; LazyVAEDecode keeps the VAE off the GPU until it "
                "runs and decodes in tiles when a full decode would not fit.")
+
+
+def te_stream_note(encoder: str) -> str:
+    return (f"ChunkedOffloadTextEncoder streams {encoder}'s blocks the same way while it encodes, so that when the "
+            "diffusion model needs the memory the encoder leaves the GPU without its weights being copied back to "
+            "system RAM (ComfyUI's own eviction of a partly loaded T5-XXL took about 5 s on an H200).")
+
+
 ZIMAGE = "https://huggingface.co/Comfy-Org/z_image_turbo/resolve/main/split_files"
 ZIMAGE_DIT = {"name": "z_image_turbo_bf16.safetensors", "directory": "diffusion_models",
               "url": f"{ZIMAGE}/diffusion_models/z_image_turbo_bf16.safetensors"}
@@ -180,7 +205,7 @@ FLUX_TIER_BASIS = {16: "a 16 GB card gives auto about 12 GiB: the 0.84x point",
 def flux_dev_streamed(tier: int) -> GraphSpec:
     note = (f"## Flux.1-dev on a {tier} GB card\n\n{FLUX_FILES}\n\nFloat8DiTLoader quantizes the bf16 file to "
             f"fp8 with per-channel scales while it loads (11.1 GiB, more than the card can hold with "
-            f"activations). {STREAM_NOTE} ComfyUI moves the text encoders to system RAM after encoding.\n\n"
+            f"activations). {STREAM_NOTE} {te_stream_note('T5-XXL')}\n\n"
             f"{MEASURED} Here {FLUX_TIER_BASIS[tier]}.\n\n{GUARD_NOTE}\n\n1024x1024, 20 steps, euler/simple, "
             "guidance 3.5.")
     return GraphSpec(nodes=_flux_nodes(streamed=True), notes=[("Read me", note, (40, 760))])
@@ -266,8 +291,8 @@ ZIMAGE_TIER = {
          "DiffSynth-Studio/Z-Image-Turbo-DistillPatch, which keeps Turbo's 8-step behaviour when LoRAs trained on "
          "Z-Image are applied. Swap in your own style or character LoRA (ComfyUI or diffusers key layout), or "
          "keep the distill patch and chain a second LoraLoaderModelOnly with yours after it. "
-         f"{STREAM_NOTE}"),
-    12: f"Float8DiTLoader loads the DiT as fp8 (6.2 GB). {STREAM_NOTE}",
+         f"{STREAM_NOTE} {te_stream_note('Qwen3-4B')}"),
+    12: f"Float8DiTLoader loads the DiT as fp8 (6.2 GB). {STREAM_NOTE} {te_stream_note('Qwen3-4B')}",
 }
 
 
@@ -304,7 +329,10 @@ def z_image_turbo(tier: int) -> GraphSpec:
         NodeSpec(9, decode[0], decode[1], links={"samples": (7, 0), "vae": (8, 0)}, size=(340, 160)),
         NodeSpec(10, "SaveImage", {"filename_prefix": "lowvram_zimage"}, links={"images": (9, 0)}),
     ]
-    return GraphSpec(nodes=_guarded(nodes), notes=[("Read me", note, (40, 760))])
+    nodes = _guarded(nodes)
+    if tier < 24:
+        nodes = _streamed_text_encoder(nodes, "CLIPTextEncode")
+    return GraphSpec(nodes=nodes, notes=[("Read me", note, (40, 760))])
 
 
 # File stem -> builder. Names are forever once shipped (users' links and the README point at them).

@@ -56,7 +56,8 @@ from . import _compiled_forwards as compiled_forwards
 from . import _vram_registry as guard
 from ._block_times import BlockTimes, times_key
 from ._vram_comfy import uses_cfg
-from ._weight_patches import FullLoadPatch, ResidentPatches, patch_for
+from ._weight_patches import (BlockPatch, clear_weight_functions, find_block_patches, resident_patches,
+                             set_streamed_patches)
 from .model_families import family_of_model
 
 log = logging.getLogger("lowvram")
@@ -137,17 +138,6 @@ def model_block_list(patcher, name: str):
 
 
 @dataclass(frozen=True)
-class BlockPatch:
-    """One patched tensor of a streamed unit: `module.<attr>` of block `block`."""
-
-    block: int
-    module: torch.nn.Module
-    attr: str  # "weight" or "bias"
-    tensor: torch.Tensor
-    patch: FullLoadPatch
-
-
-@dataclass(frozen=True)
 class StreamingSettings:
     budget_bytes: int  # 0 = free device memory at attach time minus the activation estimate and margin
     chunk_size: int
@@ -218,9 +208,7 @@ class BlockStreamingSession:
                                margin_bytes=planned_margin_bytes(measured_activation_bytes))
         self.config, self.activation_bytes, self.estimated_activation_bytes = config, act, estimate
         patches = self.block_patches(patcher.patches)
-        resident = ResidentPatches()
-        for p in patches:
-            resident.add(p.tensor, p.patch)
+        resident = resident_patches(patches)
         if adopt_hosts is None:   # what the last streamer of these blocks left when the model was unloaded
             adopt_hosts = PARKED_HOSTS.pop(self.blocks[0], None)
         t0 = time.perf_counter()
@@ -301,9 +289,7 @@ class BlockStreamingSession:
         return getattr(patcher, "attachments", {}).get(compiled_forwards.COMPILE_ATTACHMENT)
 
     def clear_weight_patches(self) -> None:
-        for m in self.block_modules():
-            if hasattr(m, "weight_function"):
-                m.weight_function, m.bias_function = [], []
+        clear_weight_functions(self.block_modules())
 
     def block_modules(self):
         for block in self.blocks:
@@ -311,26 +297,11 @@ class BlockStreamingSession:
 
     def block_patches(self, patches: dict) -> list[BlockPatch]:
         """Every patched weight and bias of the blocks, with the patch that gives its values."""
-        prefix_of = {id(b): p for p, b in self.named_blocks()}
-        found = []
-        for i, block in enumerate(self.blocks):
-            for name, m in block.named_modules():
-                if not hasattr(m, "weight_function"):
-                    continue  # not a ComfyUI cast layer: ComfyUI would not patch it per call either
-                base = f"{prefix_of[id(block)]}{'.' + name if name else ''}"
-                for attr in ("weight", "bias"):
-                    tensor = getattr(m, attr, None)
-                    patch = patch_for(m, attr, f"{base}.{attr}", patches) if tensor is not None else None
-                    if patch is not None:
-                        found.append(BlockPatch(i, m, attr, tensor, patch))
-        return found
+        return find_block_patches(self.named_blocks(), patches)
 
     def apply_streamed_patches(self, patches: list[BlockPatch]) -> None:
         """Per-call patches for the blocks that stream; resident ones got theirs merged in at attach."""
-        self.clear_weight_patches()
-        for p in patches:
-            if not self.streamer.is_resident(p.block):
-                (p.module.weight_function if p.attr == "weight" else p.module.bias_function).append(p.patch)
+        set_streamed_patches(patches, self.streamer.is_resident, self.block_modules())
 
     def named_blocks(self):
         """(state-dict prefix, block) for every streamed unit, e.g. 'diffusion_model.double_blocks.3'."""
