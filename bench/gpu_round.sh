@@ -106,9 +106,12 @@ for round in "$@"; do
                 --warm-start --stack-samples /tmp/stacks
             run 150 flux_core_bar "${e2e[@]}" --workflows flux_dev_24gb --parts extra --graphs core --warm-start \
                 --cleanup ;;
-        te_stream_zimage)   # issue #8: Z-Image-Turbo 12 and 16 GB with and without ChunkedOffloadTextEncoder
-            run 450 zimage_te_ab "${e2e[@]}" --workflows z_image_turbo_12gb,z_image_turbo_16gb --parts tier,te_ab \
-                --graphs ours,ours-plainte --warm-start --cleanup ;;
+        te_stream_zimage)   # issue #8: Z-Image-Turbo 12 and 16 GB with and without ChunkedOffloadTextEncoder, then
+                            # flux_dev_8gb's first and repeat prompt again (the repeat keeps the first's plan)
+            run 380 zimage_te_ab "${e2e[@]}" --workflows z_image_turbo_12gb,z_image_turbo_16gb --parts tier,te_ab \
+                --graphs ours,ours-plainte --warm-start --cleanup
+            run 170 flux8_repeat "${e2e[@]}" --workflows flux_dev_8gb --parts tier --graphs ours --warm-start \
+                --stack-samples /tmp/stacks --cleanup ;;
         newbie_lean)   # issue #7: the fp8 rows only (no NF4 or compiled rows) beside resident bf16, cold, then both
                        # again each after a warm-up start (the same footing: kernel caches on disk warm for both)
             run 240 newbie_lean_cold "${e2e[@]}" --workflows newbie_24gb,newbie_12gb --parts extra --graphs ours

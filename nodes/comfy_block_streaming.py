@@ -73,6 +73,9 @@ MEASURED_ACTIVATION_SAFETY = 1.10
 # 0.25-0.39 GiB under its budgets with the full DEFAULT_MARGIN_BYTES kept out of measured plans, while its
 # 4 GiB row streamed every byte that margin kept off the device (about 2 ms per step per 100 MiB).
 MEASURED_MARGIN_BYTES = 64 << 20
+# An automatic budget that grew by more than this since the last attach for a latent shape is planned anew
+# (more resident blocks are worth packing again); a smaller growth keeps the last plan (see auto_budget).
+KEEP_PLAN_GROWTH = 1.25
 GiB = 1 << 30
 WIDGET_STEP_GIB = 0.25  # vram_budget_gb's step: a suggested budget is rounded up to it
 
@@ -169,6 +172,8 @@ class BlockStreamingSession:
         # replaces ComfyUI's estimate in later plans; and how a step's memory is read (tests: on the CPU).
         self.activation_measured: dict[tuple, int | None] = {}
         self.memory_probe = StepMemory.for_device
+        # Per (device, latent shape): the budget the last attach planned with. See auto_budget.
+        self.ran_budgets: dict[tuple, int] = {}
 
     @functools.cached_property
     def block_bytes(self) -> list[int]:
@@ -194,6 +199,22 @@ class BlockStreamingSession:
         held = self.streamer.device_bytes if self.streamer is not None else 0
         return self.free_bytes(device) + held
 
+    def auto_budget(self, device, x_shape) -> int:
+        """The budget of an attach for calls of `x_shape`: the settings' or, on auto, what is free, but no more
+        than the last attach for this shape planned with unless that much grew by over KEEP_PLAN_GROWTH.
+
+        Why: the same budget gives the same plan, so the packed host buffers parked when ComfyUI unloaded the
+        model fit it as they are. Flux 8 GB's repeat prompt found 15% more free than the first (the text
+        encoder gone) and planned again with it: 1.96 s of packing and pinning, then an out-of-memory retry
+        when that plan left 22 MB of the 8 GiB (bench/results/workflows_e2e_*T0342)."""
+        budget = max(1, self.budget_bytes(device))
+        key = (str(torch.device(device)), tuple(int(d) for d in x_shape))
+        ran = self.ran_budgets.get(key)
+        if not self.settings.budget_bytes and ran is not None and budget <= ran * KEEP_PLAN_GROWTH:
+            budget = min(budget, ran)
+        self.ran_budgets[key] = budget
+        return budget
+
     @staticmethod
     def free_bytes(device) -> int:
         return int(comfy.model_management.get_free_memory(device))
@@ -202,7 +223,7 @@ class BlockStreamingSession:
                measured_activation_bytes=None) -> None:
         estimate = activation_bytes(patcher.model, x_shape)
         act = planned_activation_bytes(estimate, measured_activation_bytes)
-        config = OffloadConfig(budget_bytes=max(1, self.budget_bytes(device)),
+        config = OffloadConfig(budget_bytes=self.auto_budget(device, x_shape),
                                chunk_size=self.settings.chunk_size, prefetch=self.settings.prefetch,
                                pin_memory=self.settings.pin_memory,
                                margin_bytes=planned_margin_bytes(measured_activation_bytes))

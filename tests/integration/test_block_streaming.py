@@ -239,3 +239,28 @@ def test_streaming_a_model_loaded_under_inference_mode_as_the_server_does(comfy,
     assert torch.equal(out, ref)
     comfy.model_management.unload_all_models()
     assert session.streamer is None
+
+
+def test_an_auto_budget_keeps_the_last_plan_unless_much_more_is_free(comfy, adapters, flux_fp8, comfy_cleanup):
+    """On auto, the next load for the same latent shape plans with the budget that ran when a little more is free
+    (the parked host buffers then fit as they are: nothing is packed again), and anew when much more is."""
+    streaming, _ = adapters
+    ref = sample(comfy, flux_fp8)
+    comfy.model_management.unload_all_models()
+    clone, session = streamed(adapters, flux_fp8, 0)
+    free = {"bytes": partial_budget(flux_fp8)}
+    session.free_bytes = lambda device: free["bytes"]
+    assert torch.equal(sample(comfy, clone), ref)
+    first = session.streamer.plan
+    comfy.model_management.unload_all_models()
+
+    free["bytes"] = int(first.budget_bytes * 1.2)      # a little more free: the same plan, every group adopted
+    assert torch.equal(sample(comfy, clone), ref)
+    assert session.streamer.plan.budget_bytes == first.budget_bytes
+    assert session.streamer.adopted_groups == len(first.streamed_groups) > 0
+    comfy.model_management.unload_all_models()
+
+    free["bytes"] = int(first.budget_bytes * 1.3)      # much more: planned with it
+    assert torch.equal(sample(comfy, clone), ref)
+    assert session.streamer.plan.budget_bytes == free["bytes"]
+    comfy.model_management.unload_all_models()
