@@ -24,7 +24,6 @@ import comfy.model_management
 import comfy.sd
 
 from ..quant import QuantConfig, quantize_file, resolve_compute, save_quantized, saved_source, source_fingerprint
-from ..quant.kernel_warmup import warm_fp8_kernels_in_background
 from ..quant.layouts import read_header
 from ..quant.safetensors_io import open_safetensors
 from ._comfy_progress import LoadProgress
@@ -128,9 +127,6 @@ def load_fp8_model(path: str, cfg: Fp8LoadConfig):
         return model, dataclasses.replace(report, reused_copy=cfg.save_copy_to, seconds=time.perf_counter() - t0)
     family, prefix = inspect_file(path)
     patterns = parse_layer_patterns(cfg.high_precision_layers, family)
-    device = comfy.model_management.get_torch_device()
-    if resolve_compute(cfg.quant.compute, device) == "fp8":   # Triton and cuBLASLt start while the file loads
-        warm_fp8_kernels_in_background(device, (HIGH_PRECISION_DTYPE.get(family.name, torch.bfloat16),))
     qf = _quantize_file(path, cfg.quant, keep_filter(patterns), prefix)
     # A saved copy fixes how its weights were quantized (format, granularity); how to compute with them is
     # still the user's choice on this machine.
@@ -140,6 +136,7 @@ def load_fp8_model(path: str, cfg: Fp8LoadConfig):
     if cfg.save_copy_to and qf.layout != "lowvram":
         save_quantized(qf.state_dict, cfg.save_copy_to, quant_cfg, copy_source(path, cfg))
         saved = cfg.save_copy_to
+    device = comfy.model_management.get_torch_device()
     compute = resolve_compute(quant_cfg.compute, device)
     high_precision = HIGH_PRECISION_DTYPE.get(family.name, torch.bfloat16)
     # Cast-free operations where ComfyUI would pick them too: the high-precision weights are already in the

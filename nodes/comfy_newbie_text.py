@@ -27,7 +27,6 @@ import comfy.text_encoders.lumina2
 from comfy import sd1_clip
 
 from ..quant import QuantConfig, resolve_compute
-from ..quant.kernel_warmup import warm_fp8_kernels_in_background
 from ._comfy_progress import LoadProgress
 from .comfy_fp8_loading import quantize_on_device
 from .comfy_fp8_ops import make_fp8_ops
@@ -199,8 +198,6 @@ def load_newbie_text_encoders(gemma_path: str, jina_path: str, cfg: NewBieTEConf
         return comfy.sd.load_clip([gemma_path, jina_path], embedding_directory,
                                   clip_type=comfy.sd.CLIPType.NEWBIE, model_options=options)
     fp8 = cfg.fp8 if cfg.weight_format == "fp8" else None
-    if fp8 is not None and resolve_compute(fp8.compute, load_device) == "fp8":
-        warm_fp8_kernels_in_background(load_device)   # Triton and cuBLASLt start while the files load (bf16 in)
     if fp8 is not None and load_device.type == "cuda":
         gemma = quantize_on_device(lambda device: read_gemma(gemma_path, fp8, LoadProgress(), device))
     else:
