@@ -9,6 +9,7 @@ budgets below the tier with VRAMGuard adapt: finished?, peak, s/it, what the gua
 from __future__ import annotations
 
 import json
+import math
 import sys
 from pathlib import Path
 
@@ -24,13 +25,22 @@ def merged_rows(files: list[str]) -> dict[tuple, dict]:
     return rows
 
 
+def truncated(v: float, digits: int) -> str:
+    """`v` to `digits` decimals, cut, never rounded up.
+    >>> truncated(16.28, 1), truncated(0.1669, 3)
+    ('16.2', '0.166')
+    """
+    scale = 10 ** digits
+    return f"{math.floor(v * scale + 1e-9) / scale:.{digits}f}"
+
+
 def _fmt(r: dict | None, key: str, digits: int = 2) -> str:
     if r is None:
         return "-"
     if "error" in r:
         return "failed"
     v = r.get(key)
-    return "-" if v is None else f"{v:.{digits}f}"
+    return "-" if v is None else truncated(v, digits)
 
 
 def tier_table(rows: dict) -> str:

@@ -20,7 +20,8 @@
 #   newbie_lean    issue #7 after the leaner fp8 Linear: resident bf16 and the 6 GiB fp8 row in one run, cold,
 #                  then both again each after a warm-up start
 #   profile_first  issues #7/#8: call trees of the first prompt (flux_dev_8gb warm start, NewBie 6 GiB cold)
-#   te_stream_flux, te_stream_zimage, te_stream_flux1216   issue #8: the workflows with and without ChunkedOffloadTextEncoder
+#   te_stream_flux, te_stream_zimage, te_stream_flux1216   issue #8
+#   tier_refresh   issue #8: the README's tier table for the workflows that changed (Flux 8/12/16, Z-Image 12): the workflows with and without ChunkedOffloadTextEncoder
 #   launch_bound   host time to issue one Flux step of eager fp8 linears, with and without an NVML polling thread
 #   blocks_compile issue #3: ComfyUI bf16, ours fp8 eager and with CompileModelBlocks (rel L2 to eager)
 #   dequant_check  issue #3: ComfyUI bf16 and ours dequant in one run, and the dequant kernel's micro benchmark
@@ -115,6 +116,9 @@ for round in "$@"; do
         te_stream_flux1216)   # issue #8: flux_dev_12gb and _16gb with and without ChunkedOffloadTextEncoder
             run 330 flux1216_te_ab "${e2e[@]}" --workflows flux_dev_12gb,flux_dev_16gb --parts tier,te_ab \
                 --graphs ours,ours-plainte --warm-start --cleanup ;;
+        tier_refresh)   # issue #8: the workflows that gained ChunkedOffloadTextEncoder, ours and core at their tier (cold)
+            run 380 flux_tiers "${e2e[@]}" --workflows flux_dev_8gb,flux_dev_12gb,flux_dev_16gb --parts tier,core --cleanup
+            run 180 zimage12_tier "${e2e[@]}" --workflows z_image_turbo_12gb --parts tier,core --cleanup ;;
         newbie_lean)   # issue #7: the fp8 rows only (no NF4 or compiled rows) beside resident bf16, cold, then both
                        # again each after a warm-up start (the same footing: kernel caches on disk warm for both)
             run 240 newbie_lean_cold "${e2e[@]}" --workflows newbie_24gb,newbie_12gb --parts extra --graphs ours

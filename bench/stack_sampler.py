@@ -15,6 +15,7 @@ one line. Wall-clock shares: a frame waiting on the GPU (a synchronising copy) c
 from __future__ import annotations
 
 import argparse
+import math
 import os
 import runpy
 import sys
@@ -70,10 +71,12 @@ def run_under_sampler(out: Path, interval_ms: float, script: str, script_args: l
 def read_samples(path: Path) -> list[tuple[float, tuple[str, ...]]]:
     samples = []
     for line in Path(path).read_text(errors="replace").splitlines():
-        t, _, stack = line.partition("\t")
+        t, tab, stack = line.partition("\t")
+        if not tab:                 # a line cut short by the kill
+            continue
         try:
             samples.append((float(t), tuple(f for f in stack.split(";") if f not in NOISE)))
-        except ValueError:          # a line cut short by the kill
+        except ValueError:          # a torn time field
             continue
     return samples
 
@@ -102,6 +105,11 @@ def call_tree(stacks: list[tuple[str, ...]]) -> dict:
     return root
 
 
+def _secs(x: float) -> str:
+    """Seconds to 0.01, truncated (a figure is never rounded up)."""
+    return f"{math.floor(x * 100) / 100:.2f}"
+
+
 def tree_lines(node: dict, total: int, seconds: float, min_share: float, indent: int = 0) -> list[str]:
     lines = []
     for name, kid in sorted(node["kids"].items(), key=lambda kv: -kv[1]["n"]):
@@ -115,7 +123,8 @@ def tree_lines(node: dict, total: int, seconds: float, min_share: float, indent:
             chain.append(big_name)
             kid = {"n": kid["n"], "kids": big["kids"]}
         shown = chain if len(chain) <= 4 else [chain[0], "...", *chain[-2:]]
-        lines.append(f"{'  ' * indent}{kid['n'] / total * seconds:7.2f} s {kid['n'] / total:6.1%}  {' > '.join(shown)}")
+        lines.append(f"{'  ' * indent}{_secs(kid['n'] / total * seconds):>7} s {math.floor(kid['n'] / total * 1000) / 10:5.1f}%  "
+                     f"{' > '.join(shown)}")
         lines += tree_lines(kid, total, seconds, min_share, indent + 1)
     return lines
 
@@ -127,13 +136,13 @@ def report(path: Path, min_share: float = 0.02) -> str:
         seconds = burst[-1][0] - burst[0][0]
         if seconds < 0.2:
             continue
-        out.append(f"--- burst {i}: {seconds:.2f} s, {len(burst)} samples, t={burst[0][0]:.2f}..{burst[-1][0]:.2f}")
+        out.append(f"--- burst {i}: {_secs(seconds)} s, {len(burst)} samples, t={burst[0][0]:.2f}..{burst[-1][0]:.2f}")
         out += tree_lines(call_tree([s for _, s in burst]), len(burst), seconds, min_share)
         leaves: dict[str, int] = defaultdict(int)
         for _, stack in burst:
             leaves[stack[-1]] += 1
         top = sorted(leaves.items(), key=lambda kv: -kv[1])[:12]
-        out.append("  leaves: " + ", ".join(f"{name} {n / len(burst) * seconds:.2f} s" for name, n in top))
+        out.append("  leaves: " + ", ".join(f"{name} {_secs(n / len(burst) * seconds)} s" for name, n in top))
     return "\n".join(out)
 
 

@@ -358,16 +358,19 @@ def measured_rows() -> dict:
 
 def measured_line(name: str, rows: dict) -> str:
     """One sentence of what bench.workflows_e2e measured for this workflow at its tier ("" if nothing)."""
+    from bench.e2e_table import truncated
+
     tier = float(name.rsplit("_", 1)[1][:-2])
     ours = [rows.get((name, "ours", "tier", p, tier)) for p in ("first", "repeat")]
     core = [rows.get((name, "core", "core", p, tier)) for p in ("first", "repeat")]
     if not all(r and "error" not in r for r in ours + core):
         return ""
+    t = truncated
     return (f"End to end on an H200 left {tier:g} GiB (`python -m bench.workflows_e2e`, {ours[0]['file']}): first "
-            f"prompt {ours[0]['prompt_s']:.1f} s, next seed {ours[1]['prompt_s']:.1f} s, {ours[0]['s_per_it']:.3f} s/it, "
-            f"peak {ours[0]['peak_gib']:.1f} GiB; the same graph with ComfyUI's core nodes: "
-            f"{core[0]['prompt_s']:.1f} s, {core[1]['prompt_s']:.1f} s, {core[0]['s_per_it']:.3f} s/it, "
-            f"peak {core[0]['peak_gib']:.1f} GiB.")
+            f"prompt {t(ours[0]['prompt_s'], 1)} s, next seed {t(ours[1]['prompt_s'], 1)} s, "
+            f"{t(ours[0]['s_per_it'], 3)} s/it, peak {t(ours[0]['peak_gib'], 1)} GiB; the same graph with ComfyUI's core "
+            f"nodes: {t(core[0]['prompt_s'], 1)} s, {t(core[1]['prompt_s'], 1)} s, {t(core[0]['s_per_it'], 3)} s/it, "
+            f"peak {t(core[0]['peak_gib'], 1)} GiB.")
 
 
 def with_measurements(name: str, spec: GraphSpec, rows: dict) -> GraphSpec:
