@@ -2,9 +2,10 @@
 
 Why: ComfyUI loads a text encoder that does not fit the card partly onto the GPU, and when the diffusion
 model needs that memory it moves those weights back into freshly allocated host memory. On the Flux 8 GB
-workflow that eviction of about 5.5 GB of T5-XXL took 4.5-5.3 s of the first prompt, more than its 20 steps
-(bench.stack_sampler: model_unload > detach > unpatch_model > Module.to, H200, T0322). A streamed block
-keeps its host copy: evicting it frees device memory and copies nothing back.
+workflow ComfyUI's loading of the DiT took 4.48 s of the first prompt (VRAMGuard's timing, H200, T0322), nearly
+all of it that eviction of about 5.5 GB of T5-XXL (bench.stack_sampler: model_unload > detach > unpatch_model >
+Module.to), more than the 20 steps. A streamed block keeps its host copy: evicting it frees device memory and
+copies nothing back.
 
 How, with ComfyUI's own patcher mechanisms on a clone of the CLIP's ModelPatcher (as ChunkedOffloadUNet):
 - Object patches replace each transformer block list (T5Stack.block, Llama2_.layers: the stacks of
@@ -12,7 +13,8 @@ How, with ComfyUI's own patcher mechanisms on a clone of the CLIP's ModelPatcher
   final norms, CLIP-L: a few hundred MB).
 - An ON_LOAD callback (ComfyUI has just loaded the rest onto the device) attaches the block streamer within
   the budget (0 = what is free then) and adds its device bytes to the model's loaded size, so ComfyUI's
-  free_memory knows them. Resident groups are copied to the device; the others stream from pinned host
+  free_memory knows them. ComfyUI's load sets that size to what it loaded itself just before the callback, so
+  a later load (partially_load, when more memory is free) gets the streamer's bytes added again. Resident groups are copied to the device; the others stream from pinned host
   buffers on a side stream.
 - An ON_DETACH callback (ComfyUI evicting the encoder) releases the streamer: device memory freed, the
   packed host buffers unpinned and kept for the next load (nothing is packed twice).
@@ -121,7 +123,9 @@ class TextEncoderStreamingSession:
             return
         if self.streamer is not None:
             if self.attached_for() is patcher and self.streamer.device == device:
-                return   # ComfyUI loading more of the rest (partially_load): the blocks are in place
+                # ComfyUI loaded more of the rest (partially_load) and counted only that: the blocks are in place.
+                patcher.model.model_loaded_weight_memory += self.streamer.device_bytes
+                return
             self.park("another clone of the text encoder loaded")
         self.attach(patcher, device)
 
