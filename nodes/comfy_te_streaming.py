@@ -166,6 +166,8 @@ class TextEncoderStreamingSession:
 def stream_text_encoder(clip, settings: TextEncoderStreamingSettings):
     """A clone of `clip` whose transformer blocks stream; raises NoStreamableBlocks for other encoders."""
     clone = clip.clone()
+    for call in (CallbacksMP.ON_LOAD, CallbacksMP.ON_DETACH):   # the node applied twice: the later one streams
+        clone.patcher.remove_callbacks_with_key(call, KEY)
     session = TextEncoderStreamingSession(clone.patcher, settings)
     session.install()
     clone.patcher.attachments[KEY] = session

@@ -110,3 +110,14 @@ def test_an_encoder_without_a_known_stack_is_named(comfy, te_streaming, tiny_mod
     clip = load_clip(comfy, tiny_model, ("clip-l",), "STABLE_DIFFUSION")
     with pytest.raises(te_streaming.NoStreamableBlocks, match="SD1ClipModel.*Remove the node"):
         te_streaming.stream_text_encoder(clip, te_streaming.TextEncoderStreamingSettings(0))
+
+
+def test_the_node_applied_twice_streams_once(comfy, te_streaming, tiny_model, comfy_cleanup):
+    clip = load_clip(comfy, tiny_model, ("clip-l", "t5xxl"), "FLUX")
+    ref = encode(clip)
+    comfy.model_management.unload_all_models()
+    first, s1 = streamed(te_streaming, clip)
+    second, s2 = streamed(te_streaming, first)
+    assert torch.equal(encode(second)[0], ref[0])
+    assert s2.streamer is not None and s1.streamer is None
+    assert s2.blocks == s1.blocks   # the same blocks, seen through the first node's stand-ins
