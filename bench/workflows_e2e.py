@@ -222,7 +222,7 @@ def run_job(job: Job, ctx: Context) -> list[dict]:
     server, stacks = None, None
     try:
         budget.set(job.budgets[0])
-        warmup_s = _warm_up(ctx, base, api) if ctx.warm_start and job.part in ("tier", "core", "extra") else None
+        warmup_s = _warm_up(ctx, base, api) if ctx.warm_start and job.part in ("tier", "te_ab", "core", "extra") else None
         if ctx.stacks_dir is not None:
             stacks = ctx.stacks_dir / f"stacks_{job.workflow}_{job.graph}_{job.part}.tsv"
             stacks.unlink(missing_ok=True)
@@ -388,7 +388,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--cleanup", action="store_true", help="delete a family's synthetic files after its last job")
     ap.add_argument("--graphs", default="", help="comma list of graph variants to keep, e.g. ours (default: all; "
                     "ours, ours-nf4, ours-nf4-compiled, ours-plainte, core, core-bf16)")
-    ap.add_argument("--warm-start", action="store_true", help="before the measured server of each tier, core and extra "
+    ap.add_argument("--warm-start", action="store_true", help="before the measured server of each tier, te_ab, core and extra "
                     "job, run the graph once in a throwaway server (kernel caches warm, as on a user's next start)")
     ap.add_argument("--stack-samples", default=None, help="a folder: sample each measured server's prompt worker "
                     "(bench.stack_sampler) into it and print the call tree of every prompt")
