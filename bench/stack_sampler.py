@@ -15,7 +15,6 @@ one line. Wall-clock shares: a frame waiting on the GPU (a synchronising copy) c
 from __future__ import annotations
 
 import argparse
-import math
 import os
 import runpy
 import sys
@@ -23,6 +22,8 @@ import threading
 import time
 from collections import defaultdict
 from pathlib import Path
+
+from bench.e2e_table import truncated
 
 WORKER_THREAD = "prompt_worker"        # ComfyUI main.py: threading.Thread(target=prompt_worker, ...)
 IDLE_LEAVES = ("queue.py:get", "threading.py:wait", "execution.py:get")   # the worker waiting for a prompt
@@ -106,8 +107,7 @@ def call_tree(stacks: list[tuple[str, ...]]) -> dict:
 
 
 def _secs(x: float) -> str:
-    """Seconds to 0.01, truncated (a figure is never rounded up)."""
-    return f"{math.floor(x * 100) / 100:.2f}"
+    return truncated(x, 2)   # a figure is never rounded up
 
 
 def tree_lines(node: dict, total: int, seconds: float, min_share: float, indent: int = 0) -> list[str]:
@@ -123,7 +123,7 @@ def tree_lines(node: dict, total: int, seconds: float, min_share: float, indent:
             chain.append(big_name)
             kid = {"n": kid["n"], "kids": big["kids"]}
         shown = chain if len(chain) <= 4 else [chain[0], "...", *chain[-2:]]
-        lines.append(f"{'  ' * indent}{_secs(kid['n'] / total * seconds):>7} s {math.floor(kid['n'] / total * 1000) / 10:5.1f}%  "
+        lines.append(f"{'  ' * indent}{_secs(kid['n'] / total * seconds):>7} s {truncated(100 * kid['n'] / total, 1):>5}%  "
                      f"{' > '.join(shown)}")
         lines += tree_lines(kid, total, seconds, min_share, indent + 1)
     return lines

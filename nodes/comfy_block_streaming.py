@@ -125,8 +125,9 @@ class HiddenBlocks(torch.nn.Module):
         super().__setattr__(name, value)
 
 
-def model_block_list(patcher, name: str):
-    """The diffusion model's own block list `name`, never one of our stand-ins.
+def model_block_list(patcher, path: str):
+    """The model's own block list at attribute path `path` ("diffusion_model.input_blocks",
+    "t5xxl.transformer.encoder.block"), never one of our stand-ins.
 
     ComfyUI applies object patches to the model that all clones share and, when it loads another clone of
     it, detaches the old one without unpatching (load_models_gpu: detach(unpatch_all=False)). So once a
@@ -134,7 +135,7 @@ def model_block_list(patcher, name: str):
     unloaded; a session built from it for the next clone (the next budget of a benchmark, a changed widget)
     must see through it. get_model_object gives the value before this patcher's patches (ComfyUI's backup
     of it while patched); a HiddenBlocks there (the input is a streamed clone) is unwrapped."""
-    container = patcher.get_model_object(f"diffusion_model.{name}")
+    container = patcher.get_model_object(path)
     while isinstance(container, HiddenBlocks):
         container = container.original
     return container
@@ -154,7 +155,7 @@ class BlockStreamingSession:
     def __init__(self, patcher, settings: StreamingSettings):
         self.patcher, self.settings = patcher, settings
         self.family = family_of_model(patcher.model.diffusion_model)
-        self.lists = {name: model_block_list(patcher, name) for name in self.family.block_lists}
+        self.lists = {name: model_block_list(patcher, f"diffusion_model.{name}") for name in self.family.block_lists}
         self.blocks = [b for name in self.family.block_lists for b in self.family.stream_units(self.lists[name])]
         self.streamer = None
         self.attached_for = None  # the patcher (this clone or a later one, e.g. with LoRA) now running

@@ -30,11 +30,12 @@ from dataclasses import dataclass
 
 import torch
 
+import comfy.model_management
 from comfy.patcher_extension import CallbacksMP
 
 from ..offload import OffloadConfig, offload_blocks
 from ._weight_patches import clear_weight_functions, find_block_patches, resident_patches, set_streamed_patches
-from .comfy_block_streaming import PARKED_HOSTS, HiddenBlocks
+from .comfy_block_streaming import PARKED_HOSTS, HiddenBlocks, model_block_list
 
 log = logging.getLogger("lowvram")
 KEY = "lowvram_text_encoder_streaming"
@@ -63,17 +64,13 @@ def block_lists(patcher) -> dict[str, torch.nn.Module]:
     """{attribute path under the CLIP model: the stack's own block list} for every stack of STREAMED_STACKS.
 
     A clone of a streamed clone sees HiddenBlocks on the shared model (ComfyUI leaves object patches applied
-    when it swaps clones); the path still names the list, and the original is behind the stand-in."""
+    when it swaps clones); model_block_list sees through them."""
     found = {}
     for name, module in patcher.model.named_modules():
         attr = STREAMED_STACKS.get(type(module).__name__)
-        if attr is None:
-            continue
-        path = f"{name}.{attr}" if name else attr
-        container = patcher.get_model_object(path)
-        while isinstance(container, HiddenBlocks):
-            container = container.original
-        found[path] = container
+        if attr is not None:
+            path = f"{name}.{attr}" if name else attr
+            found[path] = model_block_list(patcher, path)
     return found
 
 
@@ -112,8 +109,6 @@ class TextEncoderStreamingSession:
     def budget_bytes(self, device) -> int:
         if self.settings.budget_bytes:
             return self.settings.budget_bytes
-        import comfy.model_management
-
         return int(comfy.model_management.get_free_memory(device))
 
     # ---- callbacks -----------------------------------------------------------------------------------
