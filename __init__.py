@@ -76,6 +76,19 @@ def _register_routes() -> None:
         _log.exception("LowVRAM Kit: the /lowvram/memory route could not be registered")
 
 
+def _prefetch_triton_key() -> None:
+    """Triton's one-time installation hash, computed while the server starts (quant/triton_prefetch.py)."""
+    if importlib.util.find_spec("comfy") is None:
+        return
+    try:
+        import torch
+
+        importlib.import_module(".quant.triton_prefetch", __name__).prefetch_triton_key(torch.cuda.is_available())
+    except Exception:  # noqa: BLE001  (an optimisation must not take the nodes down)
+        _log.exception("LowVRAM Kit: could not start computing Triton's cache key")
+
+
 _register_routes()
+_prefetch_triton_key()
 
 __all__ = ["NODE_CLASS_MAPPINGS", "NODE_DISPLAY_NAME_MAPPINGS"]

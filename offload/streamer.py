@@ -3,7 +3,7 @@
 Lifecycle:
     attach()  pack each streamed group into one host buffer (pinned when possible; or take over the
               buffer a previous streamer left for the same blocks, `adopt_hosts`), copy resident groups
-              into one device arena (optionally with other values, `resident_values`: a merged LoRA,
+              into one device arena (through pinned staging windows when pinning is on) (optionally with other values, `resident_values`: a merged LoRA,
               computed once instead of on every call), allocate `prefetch + 1` slots, install block
               hooks, start copying the first groups. Any error inside attach undoes all of it.
     forward   the model calls its blocks in order; a block's pre-hook makes sure its group is in a
@@ -41,6 +41,7 @@ from .config import LOG, fmt_bytes
 from .packing import GroupLayout, HostGroup, ValuesFor, block_tensors, pack_host, pin_cost_note
 from .planner import Plan
 from .slots import SlotPool
+from .staging import StagedUpload
 from .streams import backend_for
 
 
@@ -190,13 +191,19 @@ class BlockStreamer:
             slot_nbytes = max(self._layouts[g].nbytes for g in streamed)
             self._slots = SlotPool(plan.slot_count, slot_nbytes, self.device, self.backend)
         offset = 0
-        for g in resident:
-            layout = self._layouts[g]
-            flat = self._arena[offset : offset + layout.nbytes]
-            offset += layout.nbytes
-            self._originals[g] = tuple(e.tensor.data for e in layout.entries)
-            layout.fill(flat, self.resident_values)
-            layout.point_to(layout.views(flat))
+        # Resident groups go up through two pinned windows when pinning is on (from pageable memory CUDA
+        # copies tensor by tensor, about 6 GB/s on the H200; see offload.staging); else tensor by tensor.
+        with contextlib.ExitStack() as staging:
+            fill = GroupLayout.fill
+            if self.pin_memory and resident:
+                fill = staging.enter_context(StagedUpload(self.backend)).fill
+            for g in resident:
+                layout = self._layouts[g]
+                flat = self._arena[offset : offset + layout.nbytes]
+                offset += layout.nbytes
+                self._originals[g] = tuple(e.tensor.data for e in layout.entries)
+                fill(layout, flat, self.resident_values)
+                layout.point_to(layout.views(flat))
         pin = self.pin_memory
         adopted, self._adopt = self._adopt, {}
         try:
