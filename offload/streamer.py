@@ -38,7 +38,7 @@ import torch
 from torch import nn
 
 from .config import LOG, fmt_bytes
-from .packing import GroupLayout, HostGroup, ValuesFor, block_tensors, pack_host, pin_cost_note
+from .packing import GroupLayout, HostGroup, PinQueue, ValuesFor, block_tensors, pack_host, pin_cost_note
 from .planner import Plan
 from .slots import SlotPool
 from .staging import StagedUpload
@@ -225,28 +225,33 @@ class BlockStreamer:
 
     def _pack_streamed(self, streamed: list[int], adopted: HostGroups, pin: bool) -> None:
         """A host buffer per streamed group: adopted from the last streamer when it holds the same blocks
-        (re-pinned if it was left unpinned), else packed (and pinned) now."""
-        for g in streamed:
-            key = tuple(self.plan.groups[g])
-            host = adopted.get(key)
-            if host is not None and _holds(self._layouts[g], host):
-                self._hosts[g] = adopted.pop(key)   # the modules already point at its views: no packing
-                self.adopted_groups += 1
-                if host.pinned and not pin:
-                    host.unpin()
-                elif pin and not host.pinned:
-                    host.pin()                      # a buffer left unpinned while the model was unloaded
-            else:
-                host = pack_host(self._layouts[g], pin)
-                self._hosts[g] = host
-            if pin and host.pin_error is not None:
-                pin = False  # the next groups would fail the same way, one slow call each
-                rest = sum(self._layouts[k].nbytes for k in streamed if k not in self._hosts) + host.buffer.nbytes
-                LOG.warning(
-                    "offload: could not pin %s of host memory (%s); streaming it from pageable memory: %s. "
-                    "Free host RAM or lower what is streamed (raise budget_bytes) to get pinned speed back.",
-                    fmt_bytes(rest), host.pin_error, pin_cost_note(),
-                )
+        (re-pinned if it was left unpinned), else packed now; pinning runs on a helper thread (PinQueue)
+        while the next group packs, and this returns once every group is pinned (or refused)."""
+        pins = PinQueue() if pin else None
+        try:
+            for g in streamed:
+                key = tuple(self.plan.groups[g])
+                host = adopted.get(key)
+                if host is not None and _holds(self._layouts[g], host):
+                    self._hosts[g] = adopted.pop(key)   # the modules already point at its views: no packing
+                    self.adopted_groups += 1
+                    if host.pinned and not pin:
+                        host.unpin()
+                    elif pin and not host.pinned:
+                        pins.submit(host)               # a buffer left unpinned while the model was unloaded
+                else:
+                    host = self._hosts[g] = pack_host(self._layouts[g], pin=False)
+                    if pin:
+                        pins.submit(host)
+        finally:
+            refused = pins.close() if pins is not None else None
+        if refused is not None:
+            rest = sum(h.buffer.nbytes for h in self._hosts.values() if not h.pinned)
+            LOG.warning(
+                "offload: could not pin %s of host memory (%s); streaming it from pageable memory: %s. "
+                "Free host RAM or lower what is streamed (raise budget_bytes) to get pinned speed back.",
+                fmt_bytes(rest), refused, pin_cost_note(),
+            )
 
     def detach(self, keep_hosts: bool = False, unpin_kept: bool = False) -> HostGroups | None:
         """Put every module back on host memory and free device memory, pinned pages and the stream.
