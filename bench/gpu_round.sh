@@ -21,6 +21,7 @@
 #                  then both again each after a warm-up start
 #   profile_first  issues #7/#8: call trees of the first prompt (flux_dev_8gb warm start, NewBie 6 GiB cold)
 #   te_stream_flux, te_stream_zimage, te_stream_flux1216   issue #8
+#   bar8           issue #8: flux_dev_8gb first prompt (warm start, call trees) and the official graph unconstrained
 #   tier_refresh   issue #8: the README's tier table for the workflows that changed (Flux 8/12/16, Z-Image 12): the workflows with and without ChunkedOffloadTextEncoder
 #   launch_bound   host time to issue one Flux step of eager fp8 linears, with and without an NVML polling thread
 #   blocks_compile issue #3: ComfyUI bf16, ours fp8 eager and with CompileModelBlocks (rel L2 to eager)
@@ -105,6 +106,12 @@ for round in "$@"; do
                           # the official graph fp8 unconstrained (the bar) in the same run
             run 330 flux8_te_ab "${e2e[@]}" --workflows flux_dev_8gb --parts tier,te_ab --graphs ours,ours-plainte \
                 --warm-start --stack-samples /tmp/stacks
+            run 150 flux_core_bar "${e2e[@]}" --workflows flux_dev_24gb --parts extra --graphs core --warm-start \
+                --cleanup ;;
+        bar8)   # issue #8: flux_dev_8gb's first prompt after a warm-up start (call trees in the log), then the official
+                # graph fp8 unconstrained (the bar), same machine
+            run 240 flux8_profile "${e2e[@]}" --workflows flux_dev_8gb --parts tier --graphs ours --warm-start \
+                --stack-samples /tmp/stacks --cleanup
             run 150 flux_core_bar "${e2e[@]}" --workflows flux_dev_24gb --parts extra --graphs core --warm-start \
                 --cleanup ;;
         te_stream_zimage)   # issue #8: Z-Image-Turbo 12 and 16 GB with and without ChunkedOffloadTextEncoder, then

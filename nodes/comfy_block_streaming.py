@@ -44,8 +44,6 @@ from dataclasses import dataclass, replace
 
 import torch
 
-import comfy.model_management
-import comfy.patcher_extension
 from comfy.patcher_extension import CallbacksMP, WrappersMP
 
 from ..offload import DEFAULT_MARGIN_BYTES, BudgetTooSmall, Floor, OffloadConfig, floor, offload_blocks
@@ -55,6 +53,7 @@ from ..offload.packing import block_nbytes
 from . import _compiled_forwards as compiled_forwards
 from . import _vram_registry as guard
 from ._block_times import BlockTimes, times_key
+from ._device_reservations import free_memory
 from ._vram_comfy import uses_cfg
 from ._weight_patches import (BlockPatch, clear_weight_functions, find_block_patches, resident_patches,
                              set_streamed_patches)
@@ -218,7 +217,7 @@ class BlockStreamingSession:
 
     @staticmethod
     def free_bytes(device) -> int:
-        return int(comfy.model_management.get_free_memory(device))
+        return free_memory(device)
 
     def attach(self, patcher, device, x_shape, seconds_per_block=None, adopt_hosts=None,
                measured_activation_bytes=None) -> None:

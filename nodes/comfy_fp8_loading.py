@@ -11,6 +11,7 @@ import dataclasses
 import importlib
 import json
 import logging
+import math
 import os
 import time
 from collections.abc import Callable
@@ -27,6 +28,7 @@ from ..quant import QuantConfig, quantize_file, resolve_compute, save_quantized,
 from ..quant.layouts import read_header
 from ..quant.safetensors_io import open_safetensors
 from ._comfy_progress import LoadProgress
+from ._device_reservations import reserve
 from .comfy_fp8_ops import make_fp8_ops
 from .model_families import Family, detect_family, keep_filter, parse_layer_patterns
 
@@ -36,6 +38,8 @@ log = logging.getLogger("lowvram")
 CHECKPOINT_PREFIX = "model.diffusion_model."
 # Dtype of the layers that stay in high precision, per family (what the families were trained in).
 HIGH_PRECISION_DTYPE = {"sdxl": torch.float16}
+# Beside the weights in flight: the row blocks' fp32 temporaries and the allocator's rounding.
+QUANTIZER_SLACK_BYTES = 64 * 2**20
 
 
 @dataclass(frozen=True)
@@ -105,9 +109,27 @@ def quantize_on_device(read: Callable[[torch.device], T]) -> T:
         return read(torch.device("cpu"))
 
 
+def quantizer_peak_bytes(path: str, prefix: str) -> int:
+    """An upper bound of the device memory quantizing `path` takes at once: two weights in flight, each
+    its high-precision source and its fp8 result, plus the row blocks' fp32 temporaries."""
+    with open_safetensors(path) as f:
+        header = read_header(f, path, prefix)
+    largest = 0
+    for name, shape in header.shapes.items():
+        dtype = header.dtype(name)
+        if dtype is not None and dtype.is_floating_point and dtype.itemsize >= 2 and len(shape) >= 2:
+            largest = max(largest, math.prod(shape) * dtype.itemsize)
+    return 2 * (largest + largest // 2) + QUANTIZER_SLACK_BYTES
+
+
 def _quantize_file(path: str, cfg: QuantConfig, keep, prefix: str):
-    return quantize_on_device(lambda device: quantize_file(path, cfg, keep, prefix=prefix, device=device,
-                                                           progress=LoadProgress()))
+    def read(device):
+        # Reserved while it runs: the text encoder may be planning its memory at the same time (see
+        # _device_reservations and float8_dit_loader's worker thread).
+        nbytes = quantizer_peak_bytes(path, prefix) if device.type == "cuda" else 0
+        with reserve(device, nbytes):
+            return quantize_file(path, cfg, keep, prefix=prefix, device=device, progress=LoadProgress())
+    return quantize_on_device(read)
 
 
 def post_load_adapter(family: Family):
@@ -115,16 +137,31 @@ def post_load_adapter(family: Family):
     return importlib.import_module(f".{family.post_load}", __package__) if family.post_load else None
 
 
-def load_fp8_model(path: str, cfg: Fp8LoadConfig):
-    """Return (ModelPatcher, Fp8LoadReport). Raises quant.QuantFileError / ValueError with clear text."""
+@dataclass(frozen=True)
+class Fp8Source:
+    """What read_fp8_file hands build_fp8_model: the file read and quantized, no ComfyUI model yet."""
+
+    path: str
+    cfg: Fp8LoadConfig
+    family: Family
+    qf: object          # quant.QuantizedFile
+    quant_cfg: QuantConfig
+    saved: str | None
+    started: float      # perf_counter() when the load began
+    reused_copy: str | None = None
+
+
+def read_fp8_file(path: str, cfg: Fp8LoadConfig) -> Fp8Source:
+    """The part of a load that touches no ComfyUI state (header, quantization, the saved copy): safe to run
+    in a worker thread while the prompt's other nodes run. Raises quant.QuantFileError / ValueError."""
     t0 = time.perf_counter()
     if cfg.save_copy_to and saved_source(cfg.save_copy_to) == copy_source(path, cfg):
         # save_quantized_copy on, and the copy was made from this very file with these settings: load it
         # (Flux-dev on an H200: 0.13 s instead of 1.17 s, bench/results/float8_flux_*T1017) instead of quantizing.
-        model, report = load_fp8_model(cfg.save_copy_to, dataclasses.replace(cfg, save_copy_to=None))
+        source = read_fp8_file(cfg.save_copy_to, dataclasses.replace(cfg, save_copy_to=None))
         log.info("LowVRAM Kit Float8DiTLoader: %s is current for %s; loaded it instead of quantizing again",
-                 cfg.save_copy_to, os.path.basename(path))   # the copy's own load logged its report
-        return model, dataclasses.replace(report, reused_copy=cfg.save_copy_to, seconds=time.perf_counter() - t0)
+                 cfg.save_copy_to, os.path.basename(path))
+        return dataclasses.replace(source, reused_copy=cfg.save_copy_to, started=t0)
     family, prefix = inspect_file(path)
     patterns = parse_layer_patterns(cfg.high_precision_layers, family)
     qf = _quantize_file(path, cfg.quant, keep_filter(patterns), prefix)
@@ -136,6 +173,13 @@ def load_fp8_model(path: str, cfg: Fp8LoadConfig):
     if cfg.save_copy_to and qf.layout != "lowvram":
         save_quantized(qf.state_dict, cfg.save_copy_to, quant_cfg, copy_source(path, cfg))
         saved = cfg.save_copy_to
+    return Fp8Source(path, cfg, family, qf, quant_cfg, saved, t0)
+
+
+def build_fp8_model(source: Fp8Source):
+    """Return (ModelPatcher, Fp8LoadReport): ComfyUI builds the model from the read file (on the thread
+    that runs the prompt's nodes)."""
+    family, qf, quant_cfg, path = source.family, source.qf, source.quant_cfg, source.path
     device = comfy.model_management.get_torch_device()
     compute = resolve_compute(quant_cfg.compute, device)
     high_precision = HIGH_PRECISION_DTYPE.get(family.name, torch.bfloat16)
@@ -154,6 +198,12 @@ def load_fp8_model(path: str, cfg: Fp8LoadConfig):
                          "the file's keys did not match any model ComfyUI knows")
     if adapter:
         model = adapter.attach(model, extra, family.name, path)
-    report = Fp8LoadReport(family.name, qf.layout, compute, *counts, time.perf_counter() - t0, saved)
+    report = Fp8LoadReport(family.name, qf.layout, compute, *counts, time.perf_counter() - source.started,
+                           source.saved, source.reused_copy)
     log.info("LowVRAM Kit Float8DiTLoader: %s", report.text())
     return model, report
+
+
+def load_fp8_model(path: str, cfg: Fp8LoadConfig):
+    """Return (ModelPatcher, Fp8LoadReport) in one call. Raises quant.QuantFileError / ValueError with clear text."""
+    return build_fp8_model(read_fp8_file(path, cfg))

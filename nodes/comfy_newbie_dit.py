@@ -181,13 +181,20 @@ def _pooled_into_conds(executor, *args, **kwargs):
     return executor(*args, **kwargs)
 
 
-def load_newbie_dit(path: str, dtype: torch.dtype | None = None):
-    """The bf16 (or `dtype`) route: ComfyUI's own loader, then the pooled path. Refuses other families."""
-    family, prefix = inspect_file(path)  # from the header: refuse another model before reading gigabytes
+def read_newbie_file(path: str) -> tuple:
+    """The part of the bf16 route that touches no ComfyUI state: check the family from the header (refusing
+    another model before reading gigabytes) and read the file. Safe in a worker thread (NewBieDiTLoader)."""
+    family, prefix = inspect_file(path)
     if family.name != "newbie":
         why = NOT_NEWBIE.get(family.name, family.why)
         raise ValueError(f"{os.path.basename(path)} is {why}, not NewBie-image. NewBieDiTLoader loads NewBie only.")
     sd = comfy.utils.load_torch_file(path)
+    return sd, family, prefix
+
+
+def build_newbie_dit(path: str, read: tuple, dtype: torch.dtype | None = None):
+    """ComfyUI's model from read_newbie_file's result, then the pooled path (on the prompt's thread)."""
+    sd, family, prefix = read
     extra = take_extra_weights(sd, family.name, path, prefix)
     patcher = comfy.sd.load_diffusion_model_state_dict(sd, model_options={"dtype": dtype} if dtype else {})
     if patcher is None:
@@ -195,3 +202,8 @@ def load_newbie_dit(path: str, dtype: torch.dtype | None = None):
     log.info("LowVRAM Kit NewBieDiTLoader: %s loaded (%s)", os.path.basename(path),
              "native pooled path" if native_newbie_dit() else "pooled path attached")
     return attach(patcher, extra, family.name, path)
+
+
+def load_newbie_dit(path: str, dtype: torch.dtype | None = None):
+    """The bf16 (or `dtype`) route: ComfyUI's own loader, then the pooled path. Refuses other families."""
+    return build_newbie_dit(path, read_newbie_file(path), dtype)

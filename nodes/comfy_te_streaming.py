@@ -30,10 +30,10 @@ from dataclasses import dataclass
 
 import torch
 
-import comfy.model_management
 from comfy.patcher_extension import CallbacksMP
 
 from ..offload import OffloadConfig, offload_blocks
+from ._device_reservations import free_memory
 from ._weight_patches import clear_weight_functions, find_block_patches, resident_patches, set_streamed_patches
 from .comfy_block_streaming import PARKED_HOSTS, HiddenBlocks, model_block_list
 
@@ -109,7 +109,7 @@ class TextEncoderStreamingSession:
     def budget_bytes(self, device) -> int:
         if self.settings.budget_bytes:
             return self.settings.budget_bytes
-        return int(comfy.model_management.get_free_memory(device))
+        return free_memory(device)   # less what a Float8DiTLoader quantizing beside it holds
 
     # ---- callbacks -----------------------------------------------------------------------------------
     def on_load(self, patcher, device_to, *_):

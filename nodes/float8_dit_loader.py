@@ -1,12 +1,13 @@
 """Float8DiTLoader: a diffusion model with fp8 weights and per-channel scales, fp8 matmul where the GPU has it."""
 from __future__ import annotations
 
+import asyncio
 import os
 
 import folder_paths
 
 from ..quant import FP8_FORMATS, GRANULARITIES, QuantConfig
-from .comfy_fp8_loading import Fp8LoadConfig, load_fp8_model
+from .comfy_fp8_loading import Fp8LoadConfig, build_fp8_model, read_fp8_file
 
 CKPT_TAG = "checkpoints/"  # entries from models/checkpoints: their diffusion model is taken
 # Widget value -> quant.QuantConfig.compute
@@ -61,12 +62,18 @@ class Float8DiTLoader:
                                     "while the source file and these settings are unchanged."}),
         }}
 
-    def load(self, model_name, fp8_format, scale_granularity, compute, high_precision_layers, save_quantized_copy):
+    async def load(self, model_name, fp8_format, scale_granularity, compute, high_precision_layers,
+                   save_quantized_copy):
+        # async: ComfyUI starts a ready async node before the others and, while it awaits, runs the nodes that
+        # do not depend on it. The file is read and quantized in a worker thread meanwhile (asyncio.to_thread
+        # carries the node's context along, so the progress bar and interrupts work), overlapping the text
+        # encoder's loading and encoding; ComfyUI's model is built back on the prompt's thread.
         if compute not in COMPUTE_CHOICES:
             raise ValueError(f"compute={compute!r} is not one of {', '.join(COMPUTE_CHOICES)}")
         qcfg = QuantConfig(fmt=fp8_format, granularity=scale_granularity, compute=COMPUTE_CHOICES[compute])
         path = resolve_path(model_name)
         cfg = Fp8LoadConfig(qcfg, high_precision_layers,
                             quantized_copy_path(path, qcfg) if save_quantized_copy else None)
-        model, _report = load_fp8_model(path, cfg)
+        source = await asyncio.to_thread(read_fp8_file, path, cfg)
+        model, _report = build_fp8_model(source)
         return (model,)

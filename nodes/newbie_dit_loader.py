@@ -1,10 +1,12 @@
 """NewBieDiTLoader: NewBie-image's DiT in bf16 (or fp32) through ComfyUI's loader, with its Jina pooled path."""
 from __future__ import annotations
 
+import asyncio
+
 import folder_paths
 import torch
 
-from .comfy_newbie_dit import load_newbie_dit
+from .comfy_newbie_dit import build_newbie_dit, read_newbie_file
 
 WEIGHT_DTYPES = {"default": None, "bf16": torch.bfloat16, "fp32": torch.float32}
 
@@ -27,8 +29,11 @@ class NewBieDiTLoader:
                              "for the device (bf16 on GPUs). fp32 doubles the memory."}),
         }}
 
-    def load(self, unet_name, weight_dtype):
+    async def load(self, unet_name, weight_dtype):
+        # async like Float8DiTLoader: the file is read in a worker thread while ComfyUI runs the text encoder's
+        # nodes; ComfyUI's model is built back on the prompt's thread.
         if weight_dtype not in WEIGHT_DTYPES:
             raise ValueError(f"weight_dtype={weight_dtype!r} is not one of {', '.join(WEIGHT_DTYPES)}")
         path = folder_paths.get_full_path_or_raise("diffusion_models", unet_name)
-        return (load_newbie_dit(path, WEIGHT_DTYPES[weight_dtype]),)
+        read = await asyncio.to_thread(read_newbie_file, path)
+        return (build_newbie_dit(path, read, WEIGHT_DTYPES[weight_dtype]),)

@@ -5,6 +5,7 @@ import struct
 
 import pytest
 import torch
+from safetensors import safe_open
 from safetensors.torch import save_file
 
 pytestmark = pytest.mark.comfy
@@ -263,3 +264,55 @@ def test_cast_free_operations_where_comfyui_would_pick_them_give_the_same_output
     cast, _ = load(pack, flux_path)
     assert casting(free) == {False} and casting(cast) == {True}
     assert torch.equal(denoise(free), denoise(cast))
+
+
+def test_the_node_reads_the_file_in_a_worker_thread_and_builds_the_model_on_the_prompts(pack, flux_path,
+                                                                                        monkeypatch):
+    """Float8DiTLoader.load is async: ComfyUI starts it first and runs the other nodes (the text encoder) while
+    it awaits the file's quantization in a worker thread; ComfyUI's model is built on the prompt's thread."""
+    import asyncio
+    import inspect
+    import threading
+
+    node_module = importlib.import_module("lowvram_kit.nodes.float8_dit_loader")
+    assert inspect.iscoroutinefunction(node_module.Float8DiTLoader.load)
+    threads = {}
+
+    def traced(name, fn):
+        def run(*args):
+            threads[name] = threading.current_thread()
+            return fn(*args)
+        return run
+
+    monkeypatch.setattr(node_module, "resolve_path", lambda name: flux_path)
+    monkeypatch.setattr(node_module, "read_fp8_file", traced("read", pack.read_fp8_file))
+    monkeypatch.setattr(node_module, "build_fp8_model", traced("build", pack.build_fp8_model))
+    (model,) = asyncio.run(node_module.Float8DiTLoader().load("flux1-dev.safetensors", "e4m3fn", "per_channel",
+                                                              "auto", "auto", False))
+    assert threads["read"] is not threading.current_thread() and threads["build"] is threading.current_thread()
+    expected, _ = load(pack, flux_path)
+    a, b = model.model.diffusion_model.single_blocks[0].linear1, expected.model.diffusion_model.single_blocks[0].linear1
+    assert torch.equal(a.weight.view(torch.uint8), b.weight.view(torch.uint8))
+
+
+def test_quantizing_on_the_gpu_reserves_its_peak_from_our_streaming_budgets(pack, flux_path, monkeypatch):
+    """While the loader quantizes on CUDA beside the text encoder, the encoder's streaming plan (and the
+    diffusion model's) must not count the quantizer's memory as free."""
+    import comfy.model_management as mm
+
+    from lowvram_kit.nodes import _device_reservations as reservations
+    from lowvram_kit.nodes.comfy_block_streaming import BlockStreamingSession
+    from lowvram_kit.quant import QuantConfig
+
+    gpu = torch.device("cuda", 0)
+    seen = []
+    monkeypatch.setattr(mm, "get_free_memory", lambda device=None, torch_free_too=False: 8 * 2**30)
+    monkeypatch.setattr(pack, "quantization_device", lambda: gpu)
+    monkeypatch.setattr(pack, "quantize_file", lambda *a, **kw: seen.append(
+        (reservations.reserved_bytes(gpu), BlockStreamingSession.free_bytes(gpu))) or "read")
+    assert pack._quantize_file(flux_path, QuantConfig(), None, "") == "read"
+    peak = pack.quantizer_peak_bytes(flux_path, "")
+    with safe_open(flux_path, "pt") as f:
+        largest = max(f.get_tensor(k).nbytes for k in f.keys() if len(f.get_slice(k).get_shape()) == 2)
+    assert peak >= 3 * largest and seen == [(peak, 8 * 2**30 - peak)]
+    assert reservations.reserved_bytes(gpu) == 0 and BlockStreamingSession.free_bytes(gpu) == 8 * 2**30
