@@ -8,9 +8,11 @@ Module.to), more than the 20 steps. A streamed block keeps its host copy: evicti
 copies nothing back.
 
 How, with ComfyUI's own patcher mechanisms on a clone of the CLIP's ModelPatcher (as ChunkedOffloadUNet):
-- Object patches replace each transformer block list (T5Stack.block, Llama2_.layers: the stacks of
-  STREAMED_STACKS) with HiddenBlocks, so ComfyUI loads, counts and evicts only the rest (embeddings,
-  final norms, CLIP-L: a few hundred MB).
+- Object patches replace each transformer block list (T5Stack.block, Llama2_.layers, CLIPEncoder.layers:
+  the stacks of STREAMED_STACKS) with HiddenBlocks, so ComfyUI loads, counts and evicts only the rest
+  (embeddings and final norms: a few hundred MB). CLIP-L's layers joined the list when ComfyUI's copying
+  back of what it had loaded was the largest part left of the eviction (0.54 s of the Flux 8 GB first
+  prompt, bench/results/gpu_rounds_nvidia-h200_2026-11-22T0651.log).
 - An ON_LOAD callback (ComfyUI has just loaded the rest onto the device) attaches the block streamer within
   the budget (0 = what is free then) and adds its device bytes to the model's loaded size, so ComfyUI's
   free_memory knows them. ComfyUI's load sets that size to what it loaded itself just before the callback, so
@@ -44,7 +46,7 @@ MiB = 1 << 20
 # call each block through its __call__ (the streamer's hooks): T5Stack (T5-XXL of Flux and SD3, UMT5) and
 # Llama2_ (Qwen3-4B of Z-Image, Gemma of Lumina-2 and NewBie, Llama, Mistral). CLIP-L/G are left to ComfyUI:
 # 0.2-1.4 GB, they fit where anything fits.
-STREAMED_STACKS = {"T5Stack": "block", "Llama2_": "layers"}
+STREAMED_STACKS = {"T5Stack": "block", "Llama2_": "layers", "CLIPEncoder": "layers"}
 # Activations of one encode (T5-XXL, 512 tokens: [512, 10240] FFN in fp32 and 64 heads of 512x512 scores are
 # tens of MB): planned next to the blocks, with the streamer's own margin on top.
 ENCODE_ACTIVATION_BYTES = 256 * MiB
@@ -85,7 +87,7 @@ class TextEncoderStreamingSession:
             raise NoStreamableBlocks(
                 f"ChunkedOffloadTextEncoder: this text encoder ({type(patcher.model).__name__}: {', '.join(stacks)}) "
                 f"has no block stack it streams (it streams {', '.join(STREAMED_STACKS)}: T5-XXL, Qwen3, Gemma, "
-                "Llama). Remove the node for this model; ComfyUI's own loading handles it.")
+                "Llama, CLIP). Remove the node for this model; ComfyUI's own loading handles it.")
         self.blocks = [b for container in self.lists.values() for b in container]
         self.streamer = None
         self.attached_for = None

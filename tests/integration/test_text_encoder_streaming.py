@@ -58,6 +58,7 @@ def test_streamed_encoder_is_bit_identical_and_eviction_parks_it(comfy, te_strea
     ref = encode(clip)
     comfy.model_management.unload_all_models()
     clone, session = streamed(te_streaming, clip, share=share, slots=2)
+    assert len(session.lists) == len(names), list(session.lists)   # every encoder's stack (CLIP-L's layers too)
     out = encode(clone)
     assert session.streamer is not None and session.streamer.plan.streamed_groups, session.streamer.plan.describe()
     assert session.streamer.copies > 0
@@ -106,7 +107,9 @@ def test_a_weight_patch_after_the_node_gives_the_patched_conditioning(comfy, te_
     assert all(not m.weight_function for m in session.block_modules() if hasattr(m, "weight_function"))
 
 
-def test_an_encoder_without_a_known_stack_is_named(comfy, te_streaming, tiny_model):
+def test_an_encoder_without_a_known_stack_is_named(comfy, te_streaming, tiny_model, monkeypatch):
+    # Every encoder ComfyUI 0.3.75 ships has a known stack; CLIP-L stands for one that has none.
+    monkeypatch.setattr(te_streaming, "STREAMED_STACKS", {"T5Stack": "block", "Llama2_": "layers"})
     clip = load_clip(comfy, tiny_model, ("clip-l",), "STABLE_DIFFUSION")
     with pytest.raises(te_streaming.NoStreamableBlocks, match="SD1ClipModel.*Remove the node"):
         te_streaming.stream_text_encoder(clip, te_streaming.TextEncoderStreamingSettings(0))
