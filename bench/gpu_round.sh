@@ -126,6 +126,9 @@ for round in "$@"; do
         tier_refresh)   # issue #8: the workflows that gained ChunkedOffloadTextEncoder, ours and core at their tier (cold)
             run 380 flux_tiers "${e2e[@]}" --workflows flux_dev_8gb,flux_dev_12gb,flux_dev_16gb --parts tier,core --cleanup
             run 180 zimage12_tier "${e2e[@]}" --workflows z_image_turbo_12gb --parts tier,core --cleanup ;;
+        newbie_cold)   # issue #7: newbie_lean's first step alone (a fresh machine: kernel caches on disk cold)
+            run 200 newbie_lean_cold "${e2e[@]}" --workflows newbie_24gb,newbie_12gb --parts extra --graphs ours \
+                --cleanup ;;
         newbie_lean)   # issue #7: the fp8 rows only (no NF4 or compiled rows) beside resident bf16, cold, then both
                        # again each after a warm-up start (the same footing: kernel caches on disk warm for both)
             run 240 newbie_lean_cold "${e2e[@]}" --workflows newbie_24gb,newbie_12gb --parts extra --graphs ours
