@@ -22,6 +22,7 @@
 #   profile_first  issues #7/#8: call trees of the first prompt (flux_dev_8gb warm start, NewBie 6 GiB cold)
 #   te_stream_flux, te_stream_zimage, te_stream_flux1216   issue #8
 #   bar8           issue #8: flux_dev_8gb first prompt (warm start, call trees) and the official graph unconstrained
+#   bar8_twice     issue #8: ours and the official graph, alternating, twice on one machine
 #   tier_refresh   issue #8: the README's tier table for the workflows that changed (Flux 8/12/16, Z-Image 12): the workflows with and without ChunkedOffloadTextEncoder
 #   launch_bound   host time to issue one Flux step of eager fp8 linears, with and without an NVML polling thread
 #   blocks_compile issue #3: ComfyUI bf16, ours fp8 eager and with CompileModelBlocks (rel L2 to eager)
@@ -114,6 +115,12 @@ for round in "$@"; do
                 --stack-samples /tmp/stacks --cleanup
             run 150 flux_core_bar "${e2e[@]}" --workflows flux_dev_24gb --parts extra --graphs core --warm-start \
                 --cleanup ;;
+        bar8_twice)   # issue #8: bar8's pair of runs two times on one machine, alternating (how much each varies)
+            for k in 1 2; do
+                run 150 flux8_ours_$k "${e2e[@]}" --workflows flux_dev_8gb --parts tier --graphs ours --warm-start
+                run 130 flux_core_bar_$k "${e2e[@]}" --workflows flux_dev_24gb --parts extra --graphs core --warm-start
+            done
+            rm -rf "$M" ;;
         te_stream_zimage)   # issue #8: Z-Image-Turbo 12 and 16 GB with and without ChunkedOffloadTextEncoder, then
                             # flux_dev_8gb's first and repeat prompt again (the repeat keeps the first's plan)
             run 380 zimage_te_ab "${e2e[@]}" --workflows z_image_turbo_12gb,z_image_turbo_16gb --parts tier,te_ab \
