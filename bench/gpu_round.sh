@@ -23,6 +23,7 @@
 #   te_stream_flux, te_stream_zimage, te_stream_flux1216   issue #8
 #   bar8           issue #8: flux_dev_8gb first prompt (warm start, call trees) and the official graph unconstrained
 #   bar8_twice     issue #8: ours and the official graph, alternating, twice on one machine
+#   tier_newbie, tier_rest   issue #8: the other Float8DiTLoader/NewBieDiTLoader workflows at their tier, ours and core
 #   tier_refresh   issue #8: the README's tier table for the workflows that changed (Flux 8/12/16, Z-Image 12): the workflows with and without ChunkedOffloadTextEncoder
 #   launch_bound   host time to issue one Flux step of eager fp8 linears, with and without an NVML polling thread
 #   blocks_compile issue #3: ComfyUI bf16, ours fp8 eager and with CompileModelBlocks (rel L2 to eager)
@@ -133,6 +134,11 @@ for round in "$@"; do
         tier_refresh)   # issue #8: the workflows that gained ChunkedOffloadTextEncoder, ours and core at their tier (cold)
             run 380 flux_tiers "${e2e[@]}" --workflows flux_dev_8gb,flux_dev_12gb,flux_dev_16gb --parts tier,core --cleanup
             run 180 zimage12_tier "${e2e[@]}" --workflows z_image_turbo_12gb --parts tier,core --cleanup ;;
+        tier_newbie)   # issue #8: the NewBie workflows at their tier, ours and core (after the async loaders)
+            run 560 newbie_tiers "${e2e[@]}" --workflows newbie_12gb,newbie_16gb,newbie_24gb --parts tier,core --cleanup ;;
+        tier_rest)   # issue #8: Z-Image 16/24 GB and Flux 24 GB at their tier, ours and core (after the async loaders)
+            run 560 rest_tiers "${e2e[@]}" --workflows z_image_turbo_16gb,z_image_turbo_24gb,flux_dev_24gb --parts tier,core \
+                --cleanup ;;
         newbie_cold)   # issue #7: newbie_lean's first step alone (a fresh machine: kernel caches on disk cold)
             run 200 newbie_lean_cold "${e2e[@]}" --workflows newbie_24gb,newbie_12gb --parts extra --graphs ours \
                 --cleanup ;;
