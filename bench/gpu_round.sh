@@ -24,6 +24,7 @@
 #   bar8           issue #8: flux_dev_8gb first prompt (warm start, call trees) and the official graph unconstrained
 #   bar8_twice     issue #8: ours and the official graph, alternating, twice on one machine
 #   tier_newbie, tier_rest   issue #8: the other Float8DiTLoader/NewBieDiTLoader workflows at their tier, ours and core
+#   load_ab24      Float8DiTLoader async against serial (LOWVRAM_SERIAL_LOAD=1) on flux_dev_24gb and _8gb
 #   tier_refresh   issue #8: the README's tier table for the workflows that changed (Flux 8/12/16, Z-Image 12): the workflows with and without ChunkedOffloadTextEncoder
 #   launch_bound   host time to issue one Flux step of eager fp8 linears, with and without an NVML polling thread
 #   blocks_compile issue #3: ComfyUI bf16, ours fp8 eager and with CompileModelBlocks (rel L2 to eager)
@@ -139,6 +140,14 @@ for round in "$@"; do
         tier_rest)   # issue #8: Z-Image 16/24 GB and Flux 24 GB at their tier, ours and core (after the async loaders)
             run 560 rest_tiers "${e2e[@]}" --workflows z_image_turbo_16gb,z_image_turbo_24gb,flux_dev_24gb --parts tier,core \
                 --cleanup ;;
+        load_ab24)   # the async Float8DiTLoader against reading the file on the prompt's thread (LOWVRAM_SERIAL_LOAD=1),
+                     # flux_dev_24gb and flux_dev_8gb after warm-up starts, call trees in the log
+            run 150 flux24_async "${e2e[@]}" --workflows flux_dev_24gb --parts tier --graphs ours --warm-start \
+                --stack-samples /tmp/stacks
+            run 150 flux24_serial env LOWVRAM_SERIAL_LOAD=1 "${e2e[@]}" --workflows flux_dev_24gb --parts tier \
+                --graphs ours --warm-start --stack-samples /tmp/stacks
+            run 130 flux8_serial env LOWVRAM_SERIAL_LOAD=1 "${e2e[@]}" --workflows flux_dev_8gb --parts tier \
+                --graphs ours --warm-start --cleanup ;;
         newbie_cold)   # issue #7: newbie_lean's first step alone (a fresh machine: kernel caches on disk cold)
             run 200 newbie_lean_cold "${e2e[@]}" --workflows newbie_24gb,newbie_12gb --parts extra --graphs ours \
                 --cleanup ;;

@@ -12,6 +12,9 @@ from .comfy_fp8_loading import Fp8LoadConfig, build_fp8_model, read_fp8_file
 CKPT_TAG = "checkpoints/"  # entries from models/checkpoints: their diffusion model is taken
 # Widget value -> quant.QuantConfig.compute
 COMPUTE_CHOICES = {"auto": "auto", "fp8_matmul": "fp8", "bf16_dequant": "dequant"}
+# Set to 1 in the server's environment: the file is read on the prompt's thread, as before the loader was
+# async, so that the two can be measured against each other on one machine.
+SERIAL_LOAD_ENV = "LOWVRAM_SERIAL_LOAD"
 
 
 def model_choices() -> list[str]:
@@ -74,6 +77,9 @@ class Float8DiTLoader:
         path = resolve_path(model_name)
         cfg = Fp8LoadConfig(qcfg, high_precision_layers,
                             quantized_copy_path(path, qcfg) if save_quantized_copy else None)
-        source = await asyncio.to_thread(read_fp8_file, path, cfg)
+        if os.environ.get(SERIAL_LOAD_ENV) == "1":   # for A/B measurements (bench/gpu_round.sh load_ab24)
+            source = read_fp8_file(path, cfg)
+        else:
+            source = await asyncio.to_thread(read_fp8_file, path, cfg)
         model, _report = build_fp8_model(source)
         return (model,)
