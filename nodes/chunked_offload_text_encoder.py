@@ -13,7 +13,7 @@ GiB = 1 << 30
 
 class ChunkedOffloadTextEncoder:
     DESCRIPTION = ("Streams the transformer blocks of a big text encoder (T5-XXL of Flux and SD3, Qwen3-4B of "
-                   "Z-Image, Gemma) from pinned host memory, keeping as many resident as the VRAM budget "
+                   "Z-Image, Gemma; CLIP-L/G's layers beside them) from pinned host memory, keeping as many resident as the VRAM budget "
                    "allows. When the diffusion model then needs the memory, ComfyUI evicts the encoder "
                    "without copying its weights back to the host (seconds saved on every first prompt on a "
                    "card the encoder does not fit beside the model). Conditioning is bit-identical to running "

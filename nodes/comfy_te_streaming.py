@@ -42,10 +42,10 @@ from .comfy_block_streaming import PARKED_HOSTS, HiddenBlocks, model_block_list
 log = logging.getLogger("lowvram")
 KEY = "lowvram_text_encoder_streaming"
 MiB = 1 << 20
-# ComfyUI's transformer stacks whose block lists stream, by class name: attribute holding the blocks. Both
-# call each block through its __call__ (the streamer's hooks): T5Stack (T5-XXL of Flux and SD3, UMT5) and
-# Llama2_ (Qwen3-4B of Z-Image, Gemma of Lumina-2 and NewBie, Llama, Mistral). CLIP-L/G are left to ComfyUI:
-# 0.2-1.4 GB, they fit where anything fits.
+# ComfyUI's transformer stacks whose block lists stream, by class name: attribute holding the blocks. All
+# call each block through its __call__ (the streamer's hooks): T5Stack (T5-XXL of Flux and SD3, UMT5),
+# Llama2_ (Qwen3-4B of Z-Image, Gemma of Lumina-2 and NewBie, Llama, Mistral) and CLIPEncoder (CLIP-L/G:
+# small, but what ComfyUI loads itself it copies back on eviction; usually all resident in the plan).
 STREAMED_STACKS = {"T5Stack": "block", "Llama2_": "layers", "CLIPEncoder": "layers"}
 # Activations of one encode (T5-XXL, 512 tokens: [512, 10240] FFN in fp32 and 64 heads of 512x512 scores are
 # tens of MB): planned next to the blocks, with the streamer's own margin on top.

@@ -38,7 +38,8 @@ class Float8DiTLoader:
     DESCRIPTION = ("Loads a diffusion model (Flux, Next-DiT: Lumina-2/NewBie/Z-Image, SDXL) with fp8 weights and "
                    "per-channel scales, quantizing a bf16/fp16 file tensor by tensor as it streams from disk. "
                    "Computes with fp8 matmul on GPUs that have it (RTX 40xx, H100 and newer), in bf16 elsewhere. "
-                   "Also reads ComfyUI's scaled-fp8 files, plain fp8 files and its own saved copies.")
+                   "Also reads ComfyUI's scaled-fp8 files, plain fp8 files and its own saved copies. The file is "
+                   "read in the background while ComfyUI runs the text encoder's nodes.")
     CATEGORY = "lowvram/loaders"
     FUNCTION = "load"
     RETURN_TYPES = ("MODEL",)

@@ -160,4 +160,3 @@ def _check_replacement(entry: TensorEntry, replaced: torch.Tensor) -> None:
             f"offload: the values given for {entry.name} are {replaced.dtype} {list(replaced.shape)}, "
             f"but the tensor is {entry.dtype} {list(entry.shape)}; they must match to share its place"
         )
-

@@ -2,10 +2,12 @@
 
 Lifecycle:
     attach()  pack each streamed group into one host buffer (pinned when possible; or take over the
-              buffer a previous streamer left for the same blocks, `adopt_hosts`), copy resident groups
-              into one device arena (through pinned staging windows when pinning is on) (optionally with other values, `resident_values`: a merged LoRA,
-              computed once instead of on every call), allocate `prefetch + 1` slots, install block
-              hooks, start copying the first groups. Any error inside attach undoes all of it.
+              buffer a previous streamer left for the same blocks, `adopt_hosts`; pinned on a helper
+              thread while the next group packs), copy resident groups into one device arena (through
+              pinned staging windows when pinning is on; optionally with other values,
+              `resident_values`: a merged LoRA, computed once instead of on every call), allocate
+              `prefetch + 1` slots, install block hooks, start copying the first groups. Any error
+              inside attach undoes all of it.
     forward   the model calls its blocks in order; a block's pre-hook makes sure its group is in a
               slot (copying it now if prefetch missed it), makes the compute stream wait for that
               copy only, points the modules at the slot, and queues the copies of the next
