@@ -30,7 +30,7 @@ from ..quant.safetensors_io import open_safetensors
 from ._comfy_progress import LoadProgress
 from ._device_reservations import reserve
 from .comfy_fp8_ops import make_fp8_ops
-from .model_families import Family, detect_family, keep_filter, parse_layer_patterns
+from .model_families import Family, UnknownFamilyError, detect_family, keep_filter, parse_layer_patterns
 
 T = TypeVar("T")
 
@@ -85,7 +85,10 @@ def inspect_file(path: str) -> tuple[Family, str]:
         prefix = CHECKPOINT_PREFIX if any(k.startswith(CHECKPOINT_PREFIX) for k in keys) else ""
         header = read_header(f, path, prefix)
     shapes = {k: SimpleNamespace(shape=s) for k, s in header.shapes.items()}
-    return detect_family(shapes), prefix
+    try:
+        return detect_family(shapes), prefix
+    except UnknownFamilyError as e:   # the family table does not know the path: name the file and its folder
+        raise UnknownFamilyError(f"{os.path.basename(path)} (in {os.path.dirname(path)}): {e}") from None
 
 
 def quantization_device() -> torch.device:

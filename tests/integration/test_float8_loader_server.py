@@ -109,3 +109,29 @@ def test_memory_route_counts_what_the_loaded_models_hold(server):
     assert report["unaccounted_bytes"] >= 0
     with pytest.raises(Exception, match="400"):
         srv.get("/lowvram/memory?top=lots")
+
+
+def test_a_wrong_family_file_fails_the_prompt_with_its_name_and_the_server_goes_on(server, tmp_path):
+    """Float8DiTLoader reads its file in a worker thread (an async node): a text encoder given as the diffusion
+    model fails the prompt with ComfyUI's execution error naming the file and what was looked for, while the
+    nodes that do not depend on it ran; the server then runs the next prompt."""
+    import shutil
+
+    from harness.server import ServerError
+
+    srv, models = server
+    api = ui_to_api(load_workflow("flux_dev_24gb"), srv.object_info())
+    prepare_tiny(api, SCALE_DOWN)
+    (loader_id,) = [nid for nid, n in api.items() if n["class_type"] == "Float8DiTLoader"]
+    wrong = models / "diffusion_models" / "wrong_family.safetensors"
+    shutil.copyfile(next((models / "text_encoders").glob("clip_l*.safetensors")), wrong)
+    bad = {k: {**v, "inputs": dict(v["inputs"])} for k, v in api.items()}
+    bad[loader_id]["inputs"]["model_name"] = wrong.name
+    try:
+        with pytest.raises(ServerError, match=r"Float8DiTLoader.*wrong_family\.safetensors \(in .*diffusion_models\).*"
+                           r"not a diffusion model"):
+            srv.wait(srv.queue(bad), timeout_s=400)
+    finally:
+        wrong.unlink()
+    image, _ = run(srv, api, tmp_path / "after")
+    assert image.size > 0
