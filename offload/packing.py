@@ -84,6 +84,18 @@ class TensorEntry:
         raw = flat[self.offset : self.offset + self.nbytes].view(self.dtype)  # (numel,)
         return raw.as_strided(self.shape, self.stride)
 
+    def source(self, values: ValuesFor | None, device: torch.device) -> torch.Tensor:
+        """What to copy into this tensor's place on `device`: `values`' replacement (checked) or the tensor."""
+        replaced = None if values is None else values(self.tensor, device)
+        if replaced is None:
+            return self.tensor
+        if tuple(replaced.shape) != self.shape or replaced.dtype != self.dtype:
+            raise ValueError(
+                f"offload: the values given for {self.name} are {replaced.dtype} {list(replaced.shape)}, "
+                f"but the tensor is {self.dtype} {list(self.shape)}; they must match to share its place"
+            )
+        return replaced
+
 
 def _check_tensor(name: str, t: torch.Tensor) -> None:
     # A subclass (GGUF's quantized tensors, torchao's) carries state that a byte copy would lose.
@@ -174,13 +186,7 @@ class GroupLayout:
         with a LoRA merged in; None keeps the tensor's own. The tensor itself is never changed."""
         with torch.no_grad():
             for entry in self.entries:
-                replaced = None if values is None else values(entry.tensor, flat.device)
-                if replaced is not None and (tuple(replaced.shape) != entry.shape or replaced.dtype != entry.dtype):
-                    raise ValueError(
-                        f"offload: the values given for {entry.name} are {replaced.dtype} {list(replaced.shape)}, "
-                        f"but the tensor is {entry.dtype} {list(entry.shape)}; they must match to share its place"
-                    )
-                entry.view(flat).copy_(entry.tensor if replaced is None else replaced)
+                entry.view(flat).copy_(entry.source(values, flat.device))
 
     def point_to(self, views: tuple[torch.Tensor, ...]) -> None:
         """Re-point every module tensor at its view: no copy, the old storage loses this reference."""
@@ -260,6 +266,15 @@ def _pin(buffer: torch.Tensor) -> str | None:
     return None if code == 0 else f"cudaHostRegister returned CUDA error {code}"
 
 
+def page_aligned_buffer(nbytes: int) -> torch.Tensor:
+    """(nbytes,) uint8 host memory starting on a page and owning whole pages (see PAGE_BYTES), so that it can be
+    pinned on its own; a view that keeps its allocation alive."""
+    # (PAGE - 1) spare bytes to start on a page, the tail rounded up to whole pages
+    raw = torch.empty(_align(nbytes, PAGE_BYTES) + PAGE_BYTES, dtype=torch.uint8, device="cpu")
+    shift = -raw.data_ptr() % PAGE_BYTES
+    return raw[shift : shift + nbytes]
+
+
 def pack_host(layout: GroupLayout, pin: bool) -> HostGroup:
     """Allocate the group's host buffer, copy its tensors in, re-point them there, pin if asked.
 
@@ -274,14 +289,11 @@ def pack_host(layout: GroupLayout, pin: bool) -> HostGroup:
             "(raise budget_bytes) so fewer are streamed"
         )
     try:
-        # (PAGE - 1) spare bytes to start on a page, the tail rounded up to whole pages (see PAGE_BYTES)
-        raw = torch.empty(_align(layout.nbytes, PAGE_BYTES) + PAGE_BYTES, dtype=torch.uint8, device="cpu")
+        buffer = page_aligned_buffer(layout.nbytes)
     except RuntimeError as exc:
         raise MemoryError(
             f"offload: could not allocate {fmt_bytes(layout.nbytes)} of host RAM for a block group: {exc}"
         ) from exc
-    shift = -raw.data_ptr() % PAGE_BYTES
-    buffer = raw[shift : shift + layout.nbytes]  # (nbytes,) view; the allocation lives as long as it does
     layout.fill(buffer)
     views = layout.views(buffer)
     layout.point_to(views)  # from here the old storage is unreferenced (unless someone else holds it)

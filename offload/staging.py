@@ -31,8 +31,7 @@ from __future__ import annotations
 import torch
 
 from .config import LOG, MiB
-from . import packing
-from .packing import PAGE_BYTES, GroupLayout, TensorEntry, ValuesFor, _align, _pin
+from .packing import GroupLayout, HostGroup, ValuesFor, _align, page_aligned_buffer
 
 # Large enough that one device copy per window costs nothing beside its bytes (COPY_OVERHEAD_S is about
 # 20 us; 64 MiB move in about 1.2 ms at the pinned rate), small enough that the two windows (pinned for the
@@ -44,20 +43,21 @@ MAX_WINDOW_BYTES = 512 * MiB
 
 class _Window:
     def __init__(self, nbytes: int, backend) -> None:
-        raw = torch.empty(_align(nbytes, PAGE_BYTES) + PAGE_BYTES, dtype=torch.uint8)
-        shift = -raw.data_ptr() % PAGE_BYTES
-        self.buffer = raw[shift : shift + nbytes]  # (nbytes,) uint8, page-aligned
-        self.error = _pin(self.buffer)
-        self.pinned = self.error is None
+        self.host = HostGroup(buffer=page_aligned_buffer(nbytes), views=(), pinned=False)
+        self.error = self.host.pin()      # None when pinned
         self.copied = backend.new_event()   # recorded after this window's latest device copy
         self.used = False
 
+    @property
+    def buffer(self) -> torch.Tensor:
+        return self.host.buffer
+
+    @property
+    def pinned(self) -> bool:
+        return self.host.pinned
+
     def release(self) -> None:
-        if self.pinned:
-            self.pinned = False
-            code = packing._cuda_host_unregister(self.buffer.data_ptr())
-            if code != 0:
-                LOG.warning("offload: cudaHostUnregister of a staging window returned CUDA error %d", code)
+        self.host.unpin()
 
 
 class StagedUpload:
@@ -113,10 +113,7 @@ class StagedUpload:
         window = None   # (w0, end): the destination byte range the current window holds so far
         with torch.no_grad():
             for entry in layout.entries:
-                replaced = None if values is None else values(entry.tensor, flat.device)
-                if replaced is not None:
-                    _check_replacement(entry, replaced)
-                src = entry.tensor if replaced is None else replaced
+                src = entry.source(values, flat.device)
                 if self.copies_directly(src):
                     window = self._flush(flat, window)   # a direct copy must not be overwritten by a later flush
                     entry.view(flat).copy_(src)
@@ -153,10 +150,3 @@ class StagedUpload:
         self._current = 1 - self._current
         return None
 
-
-def _check_replacement(entry: TensorEntry, replaced: torch.Tensor) -> None:
-    if tuple(replaced.shape) != entry.shape or replaced.dtype != entry.dtype:
-        raise ValueError(
-            f"offload: the values given for {entry.name} are {replaced.dtype} {list(replaced.shape)}, "
-            f"but the tensor is {entry.dtype} {list(entry.shape)}; they must match to share its place"
-        )
