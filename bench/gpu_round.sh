@@ -35,6 +35,9 @@
 #   offload_flux   issue #4: Flux offload ratios at 12/8/6/4 GiB;  calibrate_flux: issue #6 on Flux
 #   ladder_flux, ladder_sdxl, ladder_newbie, ladder_zimage   issue #6: the adapt ladder of every shipped workflow
 #   offload_families   issue #4: NewBie and SDXL offload rows at 8/6/4 GiB
+#   swiglu         issue #7: the fused fp8 SwiGLU's bits and time on one NewBie feed-forward (no model files)
+#   newbie_fused   issue #7: newbie_cold with the fused feed-forwards, then newbie_12gb layer by layer
+#                  (LOWVRAM_FUSED_FFN=0) on the same machine
 set -uo pipefail
 cd "$(dirname "$0")/.."
 : "${OUT:?OUT is not set (the device tool sets it)}"
@@ -151,6 +154,12 @@ for round in "$@"; do
         newbie_cold)   # issue #7: newbie_lean's first step alone (a fresh machine: kernel caches on disk cold)
             run 200 newbie_lean_cold "${e2e[@]}" --workflows newbie_24gb,newbie_12gb --parts extra --graphs ours \
                 --cleanup ;;
+        swiglu)
+            run 90 swiglu python3 -m bench.swiglu_micro --out-dir "$OUT" ;;
+        newbie_fused)   # issue #7: the 6 GiB graph and resident bf16, fresh machine; then the 6 GiB graph unfused
+            run 200 newbie_fused_cold "${e2e[@]}" --workflows newbie_24gb,newbie_12gb --parts extra --graphs ours
+            run 120 newbie_unfused env LOWVRAM_FUSED_FFN=0 "${e2e[@]}" --workflows newbie_12gb --parts extra \
+                --graphs ours --cleanup ;;
         newbie_lean)   # issue #7: the fp8 rows only (no NF4 or compiled rows) beside resident bf16, cold, then both
                        # again each after a warm-up start (the same footing: kernel caches on disk warm for both)
             run 240 newbie_lean_cold "${e2e[@]}" --workflows newbie_24gb,newbie_12gb --parts extra --graphs ours

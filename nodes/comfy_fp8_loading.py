@@ -30,6 +30,7 @@ from ..quant.safetensors_io import open_safetensors
 from ._comfy_progress import LoadProgress
 from ._device_reservations import reserve
 from .comfy_fp8_ops import make_fp8_ops
+from .comfy_fused_ffn import add_fused_ffn_patches
 from .model_families import Family, UnknownFamilyError, detect_family, keep_filter, parse_layer_patterns
 
 T = TypeVar("T")
@@ -201,6 +202,7 @@ def build_fp8_model(source: Fp8Source):
                          "the file's keys did not match any model ComfyUI knows")
     if adapter:
         model = adapter.attach(model, extra, family.name, path)
+    add_fused_ffn_patches(model)
     report = Fp8LoadReport(family.name, qf.layout, compute, *counts, time.perf_counter() - source.started,
                            source.saved, source.reused_copy)
     log.info("LowVRAM Kit Float8DiTLoader: %s", report.text())

@@ -41,6 +41,9 @@ def make_fp8_ops(compute: str, act_scaling: str = "per_token", cast_weights: boo
 
     class LowVRAMFp8Ops(base):
         class Linear(base.Linear):
+            # Read by nodes.comfy_fused_ffn, which runs three such layers as one fused path.
+            fp8_compute, fp8_act_scaling = compute, act_scaling
+
             def reset_parameters(self):
                 self.weight_scale = None
                 return None

@@ -319,12 +319,20 @@ def prepare_scaled_mm(
     x2d: torch.Tensor, w_fp8: torch.Tensor, w_scale: torch.Tensor, bias: torch.Tensor | None,
     out_dtype: torch.dtype, act_scaling: str, fast_accum: bool = False,
 ) -> ScaledMMArgs:
-    """Quantize the activation and lay out the operands the way `torch._scaled_mm` requires. Every reshape,
-    cast and copy below runs only when the operand is not already in shape: each costs host time per call."""
-    m, n = x2d.shape[0], w_fp8.shape[0]
+    """Quantize the activation and lay out the operands the way `torch._scaled_mm` requires."""
     a, scale_a = _act_quantizer()(x2d, act_scaling)
-    if w_scale.dtype != torch.float32 or w_scale.device != x2d.device:
-        w_scale = w_scale.to(device=x2d.device, dtype=torch.float32)
+    return scaled_mm_args(a, scale_a, w_fp8, w_scale, bias, out_dtype, act_scaling, fast_accum)
+
+
+def scaled_mm_args(
+    a: torch.Tensor, scale_a: torch.Tensor, w_fp8: torch.Tensor, w_scale: torch.Tensor, bias: torch.Tensor | None,
+    out_dtype: torch.dtype, act_scaling: str, fast_accum: bool = False,
+) -> ScaledMMArgs:
+    """The GEMM's operands for an activation already quantized (a [M, K] e4m3fn, scale_a [M, 1] or []). Every
+    reshape, cast and copy below runs only when the operand is not already in shape: each costs host time."""
+    m, n = a.shape[0], w_fp8.shape[0]
+    if w_scale.dtype != torch.float32 or w_scale.device != a.device:
+        w_scale = w_scale.to(device=a.device, dtype=torch.float32)
     if w_scale.numel() == 1 and scale_a.numel() == 1 and act_scaling == "per_tensor":
         # Tensor-wise x tensor-wise: cuBLAS, any of bf16/fp16/fp32 out.
         scale_a, scale_b = scale_a.reshape(()), w_scale.reshape(())

@@ -1,0 +1,81 @@
+"""ComfyUI adapter: the SwiGLU feed-forwards of an fp8 model run as quant.swiglu's fused path.
+
+Next-DiT's `FeedForward` (NewBie, Z-Image, Lumina 2 in comfy/ldm/lumina/model.py) computes
+w2(silu(w1(x)) * w3(x)). With fp8 layers that is eight kernels, five of them passes over memory; quant.swiglu
+does it in four with the same bits. Each such module's `forward` is replaced through ComfyUI's object patches
+(`ModelPatcher.add_object_patch`): ComfyUI sets them while the model is patched in and restores the method
+when it unpatches, so clones, unloading and other patches work as for any model.
+
+The patched forward takes the fused path only when ComfyUI's own path would hand our fp8 layers their
+tensors unchanged: all three weights already on the input's device (resident, or streamed into place by
+ChunkedOffloadUNet) with no weight functions (LoRA in lowvram mode), fp8 GEMM mode with per-token
+activations, and inside no torch.compile graph (inductor fuses the unfused ops itself). Anything else, e.g.
+a layer ComfyUI left on the CPU, runs the module's own forward.
+"""
+from __future__ import annotations
+
+import logging
+import os
+
+import torch
+
+from ..quant.swiglu import Fp8Weights, fp8_swiglu, fp8_swiglu_takes
+
+log = logging.getLogger("lowvram")
+
+# "module.Class" of a SwiGLU feed-forward -> its (gate, up, down) Linear attribute names.
+SWIGLU_CLASSES = {"comfy.ldm.lumina.model.FeedForward": ("w1", "w3", "w2")}
+# Counts of calls per path in this process (tests, benchmarks): "fused", "module".
+CALLS = {"fused": 0, "module": 0}
+# "0" leaves every feed-forward to ComfyUI's path: the benchmarks' A/B (bench/gpu_round.sh newbie_fused).
+DISABLE_ENV = "LOWVRAM_FUSED_FFN"
+
+
+def _class_key(module: torch.nn.Module) -> str:
+    return f"{type(module).__module__}.{type(module).__qualname__}"
+
+
+def _fp8_ready(layer, x: torch.Tensor) -> bool:
+    # What LowVRAMFp8Ops.Linear.forward checks before its direct path, plus the mode the fused path needs.
+    return (getattr(layer, "weight_scale", None) is not None and getattr(layer, "fp8_compute", None) == "fp8"
+            and getattr(layer, "fp8_act_scaling", None) == "per_token" and layer.weight.device == x.device
+            and not layer.weight_function and not layer.bias_function)
+
+
+class FusedSwiGLUForward:
+    """The `forward` put on one FeedForward module: fused where it gives the same bits, its own otherwise."""
+
+    def __init__(self, module: torch.nn.Module, names: tuple[str, str, str]):
+        self.module, self.names = module, names
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        module = self.module
+        layers = [getattr(module, name) for name in self.names]      # gate, up, down
+        if not torch.compiler.is_compiling() and all(_fp8_ready(layer, x) for layer in layers):
+            weights = [Fp8Weights(layer.weight, layer.weight_scale, layer.bias) for layer in layers]
+            if fp8_swiglu_takes(x, *weights):
+                CALLS["fused"] += 1
+                return fp8_swiglu(x, *weights)
+        CALLS["module"] += 1
+        return type(module).forward(module, x)
+
+
+def add_fused_ffn_patches(patcher) -> int:
+    """Object-patch every SwiGLU feed-forward of the patcher's diffusion model whose three layers are our fp8
+    layers; returns how many. A model with none (Flux, SDXL, or kept high-precision layers) is left as is."""
+    if os.environ.get(DISABLE_ENV) == "0":
+        log.info("LowVRAM Kit: %s=0, the feed-forwards run layer by layer", DISABLE_ENV)
+        return 0
+    dm = patcher.model.diffusion_model
+    count = 0
+    for name, module in dm.named_modules():
+        names = SWIGLU_CLASSES.get(_class_key(module))
+        if names is None:
+            continue
+        if not all(getattr(getattr(module, n, None), "weight_scale", None) is not None for n in names):
+            continue   # a kept (high-precision) layer among them: ComfyUI's path
+        patcher.add_object_patch(f"diffusion_model.{name}.forward", FusedSwiGLUForward(module, names))
+        count += 1
+    if count:
+        log.info("LowVRAM Kit: %d SwiGLU feed-forwards run fused where their fp8 layers are in place", count)
+    return count
