@@ -2,7 +2,8 @@
 bits against the layer-by-layer path, and the GPU time of one call, bf16, fp8 layer by layer, and fused.
 
 Checks (each must hold, else the run exits 1): the Triton silu-product quantizer's codes and scales equal
-PyTorch's silu, product and per-token quantizer; the fused feed-forward's output equals the unfused one.
+PyTorch's silu and product followed by the per-token quantizer the unfused path uses; the fused
+feed-forward's output equals the unfused one.
 Times: CUDA events around `--repeat` calls in a row, after a warm-up; the median call. No model file.
 
     python -m bench.swiglu_micro --out-dir DIR       # CUDA with fp8 GEMM (compute capability 8.9+); ~20 s
@@ -46,7 +47,7 @@ def main(argv=None) -> int:
     from quant import quantize_weight           # plain PyTorch: no ComfyUI needed
     from quant.matmul import fp8_matmul_supported
     from quant.swiglu import Fp8Weights, fp8_swiglu, fp8_swiglu_takes, silu_mul_eager, swiglu_unfused
-    from quant.swiglu_triton import launch_silu_mul
+    from quant.swiglu_triton import launch_silu_mul_
 
     if not torch.cuda.is_available() or not fp8_matmul_supported("cuda"):
         raise SystemExit("bench.swiglu_micro needs a CUDA GPU with fp8 GEMM (compute capability 8.9+)")
@@ -59,19 +60,23 @@ def main(argv=None) -> int:
     checks = {}
     with torch.no_grad():
         gate, up = F.linear(x[0], bf16[0]), F.linear(x[0], bf16[1])
-        a_k, s_k = launch_silu_mul(gate, up)
+        a_k, s_k = launch_silu_mul_(gate.clone(), up)
         a_e, s_e = silu_mul_eager(gate, up)
         checks["kernel_codes_equal"] = bool(torch.equal(a_k.view(torch.uint8), a_e.view(torch.uint8)))
         checks["kernel_scales_equal"] = bool(torch.equal(s_k, s_e))
         checks["kernel_codes_differing"] = int((a_k.view(torch.uint8) != a_e.view(torch.uint8)).sum())
+        scratch = gate.clone()   # the fused kernel writes the product over its first operand
         checks["fused_path_taken"] = fp8_swiglu_takes(x, *fp8)
         checks["fused_equals_unfused"] = bool(torch.equal(fp8_swiglu(x, *fp8), swiglu_unfused(x, *fp8)))
         rows = {
             "bf16": timed_ms(lambda: F.linear(F.silu(F.linear(x, bf16[0])) * F.linear(x, bf16[1]), bf16[2]), a.repeat),
             "fp8 layer by layer": timed_ms(lambda: swiglu_unfused(x, *fp8), a.repeat),
             "fp8 fused": timed_ms(lambda: fp8_swiglu(x, *fp8), a.repeat),
-            "silu * up + quantize (3 PyTorch kernels)": timed_ms(lambda: silu_mul_eager(gate, up), a.repeat),
-            "silu * up + quantize (Triton)": timed_ms(lambda: launch_silu_mul(gate, up), a.repeat),
+            "silu, product (PyTorch), quantize (Triton)": timed_ms(lambda: silu_mul_eager(gate, up), a.repeat),
+            # the kernel writes over its first operand: each call gets a fresh copy (timed alone below)
+            "silu, product, quantize (one Triton kernel) + copy": timed_ms(
+                lambda: launch_silu_mul_(scratch.copy_(gate), up), a.repeat),
+            "copy of gate alone": timed_ms(lambda: scratch.copy_(gate), a.repeat),
         }
     for name, r in rows.items():
         print(f"{name:42s} median {r['median_ms']:7.3f} ms  (x{FFNS_PER_CALL} per model call: "

@@ -21,8 +21,7 @@ from typing import NamedTuple
 import torch
 import torch.nn.functional as F
 
-from .matmul import _act_quantizer, _gemm_takes, fp8_matmul_options, linear_fp8, quantize_activation, \
-    run_scaled_mm, scaled_mm_args
+from .matmul import _act_quantizer, _gemm_takes, fp8_matmul_options, linear_fp8, run_scaled_mm, scaled_mm_args
 
 PER_TOKEN = "per_token"
 
@@ -36,21 +35,22 @@ class Fp8Weights(NamedTuple):
 
 
 def silu_mul_eager(gate: torch.Tensor, up: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """The reference: F.silu(gate) * up [M, H], quantized per token by quant.matmul.quantize_activation."""
-    return quantize_activation(F.silu(gate) * up, PER_TOKEN)
+    """F.silu(gate) * up [M, H], quantized per token by the activation quantizer the unfused path uses (so on a
+    GPU with Triton, quant.act_quant_triton's kernel): the reference of the fused kernel, and its fallback."""
+    return _act_quantizer()(F.silu(gate) * up, PER_TOKEN)
 
 
 @functools.lru_cache(maxsize=None)
 def silu_mul_quantizer() -> Callable[[torch.Tensor, torch.Tensor], tuple[torch.Tensor, torch.Tensor]]:
-    """quant.swiglu_triton's kernel for CUDA tensors where the triton package imports; the three PyTorch
-    kernels of silu_mul_eager elsewhere."""
+    """quant.swiglu_triton's kernel for CUDA tensors where the triton package imports (it overwrites gate: pass
+    a temporary); silu_mul_eager elsewhere."""
     try:
-        from .swiglu_triton import launch_silu_mul
+        from .swiglu_triton import launch_silu_mul_
     except ImportError:
         return silu_mul_eager
 
     def silu_mul(gate: torch.Tensor, up: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        return launch_silu_mul(gate, up) if gate.is_cuda else silu_mul_eager(gate, up)
+        return launch_silu_mul_(gate, up) if gate.is_cuda else silu_mul_eager(gate, up)
     return silu_mul
 
 
@@ -71,7 +71,7 @@ def fp8_swiglu(x: torch.Tensor, gate: Fp8Weights, up: Fp8Weights, down: Fp8Weigh
     g = run_scaled_mm(scaled_mm_args(a, scale_a, *gate, torch.bfloat16, PER_TOKEN, fast))   # [M, H] bf16
     u = run_scaled_mm(scaled_mm_args(a, scale_a, *up, torch.bfloat16, PER_TOKEN, fast))     # [M, H] bf16
     del a
-    h, scale_h = silu_mul_quantizer()(g, u)                            # [M, H] e4m3fn, [M, 1]
+    h, scale_h = silu_mul_quantizer()(g, u)                            # [M, H] e4m3fn, [M, 1]; g overwritten
     del g, u
     out = run_scaled_mm(scaled_mm_args(h, scale_h, *down, torch.bfloat16, PER_TOKEN, fast))  # [M, N] bf16
     return out if x.ndim == 2 else out.reshape(*x.shape[:-1], out.shape[-1])

@@ -2,16 +2,16 @@
 SwiGLU feed-forward (NewBie's and Z-Image's `FeedForward`: w2(silu(w1(x)) * w3(x))).
 
 Unfused, a bf16 SwiGLU between its GEMMs runs three kernels over the [M, H] hidden activations: silu (reads
-x1, writes s), multiply (reads s and x3, writes h) and the quantizer (reads h, writes the fp8 codes): about
-14 bytes of traffic per element. Here each token (row) gets one program that reads its rows of x1 and x3
-for the amax, reads them again (from cache) to scale and cast, and writes the codes and the scale: 5 bytes
-per element. NewBie at 1024x1024 (M = 4096 image + caption tokens, H = 9216) moves about 350 MB less per
-layer.
+x1, writes s), multiply (reads s and x3, writes h) and the quantizer (reads h twice, writes the fp8 codes):
+about 14 bytes of traffic per element. Here each token (row) gets one program that reads its rows of x1 and
+x3 once, writes the product over x1's row, then reads it back from cache to scale and cast: 7 bytes per
+element from memory, 2 of them usually cache hits.
 
 The values are those of the unfused path, bit for bit on the GPU: silu and the product are each computed in
 fp32 and rounded to the input dtype, as PyTorch's bf16 kernels do (`x / (1 + exp(-x))` with an IEEE
 division and libdevice's exp, which is CUDA's expf), and the codes come from the same division by the same
-scale as quant.act_quant_triton's kernel. Needs the `triton` package (Linux with CUDA).
+scale as quant.act_quant_triton's kernel (Triton's fp32 division, which at a rounding tie may differ from
+PyTorch's eager quantizer: the unfused path uses that kernel too). Needs the `triton` package (Linux with CUDA).
 """
 
 from __future__ import annotations
@@ -47,31 +47,36 @@ def _gated(g_raw, u_raw, PRECISE: tl.constexpr):
 @triton.jit(do_not_specialize=["K", "stride_g", "stride_u"])
 def _silu_mul_e4m3_kernel(g_ptr, u_ptr, a_ptr, s_ptr, K, stride_g, stride_u, BLOCK_K: tl.constexpr,
                           PRECISE: tl.constexpr):
+    # Pass 1 computes the product once (exp and an IEEE division per element are most of this kernel's work),
+    # writes it over the row of g, which it no longer needs, and takes the amax; pass 2 reads the product back
+    # (from cache: the row was just written) to scale and cast.
     row = tl.program_id(0).to(tl.int64)
     g_row, u_row, a_row = g_ptr + row * stride_g, u_ptr + row * stride_u, a_ptr + row * K
     offs = tl.arange(0, BLOCK_K)
     acc = tl.zeros([BLOCK_K], dtype=tl.float32)
     for k0 in range(0, K, BLOCK_K):
         mask = k0 + offs < K
-        h = _gated(tl.load(g_row + k0 + offs, mask=mask, other=0.0),
-                   tl.load(u_row + k0 + offs, mask=mask, other=0.0), PRECISE)
+        g_raw = tl.load(g_row + k0 + offs, mask=mask, other=0.0)
+        h = _gated(g_raw, tl.load(u_row + k0 + offs, mask=mask, other=0.0), PRECISE)
+        tl.store(g_row + k0 + offs, h.to(g_raw.dtype), mask=mask)
         acc = tl.maximum(acc, tl.abs(h))
     scale = tl.maximum(tl.max(acc, axis=0) / _E4M3_MAX, _TINY)
     tl.store(s_ptr + row, scale)
     for k0 in range(0, K, BLOCK_K):
         mask = k0 + offs < K
-        h = _gated(tl.load(g_row + k0 + offs, mask=mask, other=0.0),
-                   tl.load(u_row + k0 + offs, mask=mask, other=0.0), PRECISE)
+        h = tl.load(g_row + k0 + offs, mask=mask, other=0.0).to(tl.float32)
         tl.store(a_row + k0 + offs, (h / scale).to(tl.float8e4nv), mask=mask)
 
 
-def launch_silu_mul(gate: torch.Tensor, up: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+def launch_silu_mul_(gate: torch.Tensor, up: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """(a [M, H] e4m3fn, scale fp32 [M, 1]) with a * scale ~= F.silu(gate) * up, for gate and up [M, H] of one
-    float dtype, on whatever device they are (the CPU under TRITON_INTERPRET=1: tests)."""
+    float dtype, on whatever device they are (the CPU under TRITON_INTERPRET=1: tests). In place: gate is
+    overwritten with F.silu(gate) * up (a GEMM's output the caller is done with; no [M, H] temporary)."""
     if gate.shape != up.shape or gate.ndim != 2 or gate.dtype != up.dtype:
-        raise ValueError(f"launch_silu_mul takes gate and up of one shape [M, H] and dtype; got "
+        raise ValueError(f"launch_silu_mul_ takes gate and up of one shape [M, H] and dtype; got "
                          f"{gate.dtype} {list(gate.shape)} and {up.dtype} {list(up.shape)}")
-    gate = gate if gate.stride(1) == 1 else gate.contiguous()
+    if gate.stride(1) != 1:
+        raise ValueError("launch_silu_mul_ writes into gate, whose rows must be contiguous (stride 1 along H)")
     up = up if up.stride(1) == 1 else up.contiguous()
     m, h = gate.shape
     a = torch.empty((m, h), dtype=torch.float8_e4m3fn, device=gate.device)

@@ -57,7 +57,8 @@ def test_fused_gives_the_unfused_bits_with_one_quantization_of_x(strict_mm, quan
     assert len(quantizations) == 3 and len(strict_mm.calls) == 3   # x twice, then the product
     quantizations.clear()
     got = fp8_swiglu(x, gate, up, down)
-    assert quantizations == [(x.numel() // K, K)], "x must be quantized once for both projections"
+    m = x.numel() // K
+    assert quantizations == [(m, K), (m, H)], "x must be quantized once for both projections, then the product"
     assert [(c["m"], c["k"], c["n"], c["bias"]) for c in strict_mm.calls[3:]] == \
         [(x.numel() // K, K, H, bias), (x.numel() // K, K, H, bias), (x.numel() // K, H, K, bias)]
     assert got.shape == (*lead, K) and got.dtype == torch.bfloat16
@@ -98,17 +99,19 @@ def test_the_eager_product_quantizer_is_silu_times_up_per_token():
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 @pytest.mark.parametrize("m,h,stride", [(4096 + 300, 9216, 9216), (7, 1000, 1024), (1, 16, 16)])
 def test_the_triton_kernel_equals_pytorch_bit_for_bit_on_the_gpu(m, h, stride):
-    from quant.swiglu_triton import launch_silu_mul
+    from quant.swiglu_triton import launch_silu_mul_
 
     g = torch.Generator("cuda").manual_seed(7)
     gate = (torch.randn(m, stride, generator=g, device="cuda") * 4).to(torch.bfloat16)[:, :h]
     up = (torch.randn(m, stride, generator=g, device="cuda") * 2).to(torch.bfloat16)[:, :h]
     gate[0] = 0.0
     up[-1, : h // 2] = 0.0
-    a, s = launch_silu_mul(gate, up)
-    ref_a, ref_s = silu_mul_eager(gate, up)
+    ref_a, ref_s = silu_mul_eager(gate, up)        # PyTorch's silu and product, the per-token Triton quantizer
+    product = torch.nn.functional.silu(gate) * up
+    a, s = launch_silu_mul_(gate, up)              # gate now holds the product
     assert torch.equal(s, ref_s)
     assert torch.equal(a.view(torch.uint8), ref_a.view(torch.uint8))
+    assert torch.equal(gate, product)
 
 
 @pytest.mark.gpu

@@ -15,7 +15,7 @@ from quant.act_quant_triton import launch_per_token
 from quant.dequant_triton import DEFAULT_TILE, DequantTile, launch_dequant
 from quant.matmul import quantize_activation
 from quant.swiglu import silu_mul_eager
-from quant.swiglu_triton import launch_silu_mul
+from quant.swiglu_triton import launch_silu_mul_
 
 
 def every_fp8_value(dtype: torch.dtype) -> torch.Tensor:
@@ -76,13 +76,16 @@ def check_act_quant(findings: dict) -> bool:
 def check_silu_mul(findings: dict) -> bool:
     g = torch.Generator().manual_seed(2)
     ok = True
-    # H below one tile, and H over two tiles read through row strides wider than H (column slices).
+    # H below one tile, and H over two tiles; up read through a row stride wider than H (a column slice).
     for h, stride in ((200, 200), (2100, 2304)):
-        gate = (torch.randn(21, stride, generator=g) * 4).to(torch.bfloat16)[:, :h]
+        gate = (torch.randn(21, h, generator=g) * 4).to(torch.bfloat16)
         up = torch.randn(21, stride, generator=g).to(torch.bfloat16)[:, :h]
         gate[3] = 0.0                                               # an all-zero token
         ref_a, ref_s = silu_mul_eager(gate, up)
-        a, s = launch_silu_mul(gate, up)
+        scratch = gate.clone()
+        a, s = launch_silu_mul_(scratch, up)            # writes the product over its first operand
+        product = (torch.nn.functional.silu(gate) * up).float()
+        overwritten = bool(((scratch.float() - product).abs() <= product.abs() * 2 ** -6 + 1e-30).all())
         # The interpreter truncates each of the two bf16 roundings (silu, product; see above), so the amax may
         # come out up to two bf16 steps lower, and with it every code; and its fp8 cast mishandles values that
         # round into the next binade (as above). So values, mostly, here; bit for bit on the GPU
@@ -91,8 +94,9 @@ def check_silu_mul(findings: dict) -> bool:
         got, want = a.float() * s, ref_a.float() * ref_s
         values_close = float(((got - want).abs() <= want.abs() * 2 ** -3 + ref_s * 2 ** -8).float().mean()) >= 0.95
         findings[f"silu_mul per_token H={h} stride={stride}"] = {"scale_close": scale_close,
-                                                                 "values_close": values_close}
-        ok &= scale_close and values_close
+                                                                 "values_close": values_close,
+                                                                 "gate_holds_the_product": overwritten}
+        ok &= scale_close and values_close and overwritten
     return ok
 
 
