@@ -38,6 +38,7 @@
 #   swiglu         issue #7: the fused fp8 SwiGLU's bits and time on one NewBie feed-forward (no model files)
 #   newbie_fused   issue #7: newbie_cold with the fused feed-forwards, then newbie_12gb layer by layer
 #                  (LOWVRAM_FUSED_FFN=0) on the same machine
+#   dit6           issue #7: the NewBie DiT alone at 6 GiB (cond and uncond in one batch), fused, then layer by layer
 set -uo pipefail
 cd "$(dirname "$0")/.."
 : "${OUT:?OUT is not set (the device tool sets it)}"
@@ -160,6 +161,11 @@ for round in "$@"; do
             run 200 newbie_fused_cold "${e2e[@]}" --workflows newbie_24gb,newbie_12gb --parts extra --graphs ours
             run 120 newbie_unfused env LOWVRAM_FUSED_FFN=0 "${e2e[@]}" --workflows newbie_12gb --parts extra \
                 --graphs ours --cleanup ;;
+        dit6)   # issue #7: bench.offload_families' NewBie rows at 6 GiB, 10 steps; then ours again layer by layer
+            run 240 dit6_fused python3 -m bench.offload_families --models-dir "$M" --out-dir "$OUT" --families newbie \
+                --budgets 6 --steps 10
+            run 240 dit6_unfused env LOWVRAM_FUSED_FFN=0 python3 -m bench.offload_families --models-dir "$M" \
+                --out-dir "$OUT" --families newbie --budgets 6 --steps 10 ;;
         newbie_lean)   # issue #7: the fp8 rows only (no NF4 or compiled rows) beside resident bf16, cold, then both
                        # again each after a warm-up start (the same footing: kernel caches on disk warm for both)
             run 240 newbie_lean_cold "${e2e[@]}" --workflows newbie_24gb,newbie_12gb --parts extra --graphs ours
