@@ -38,6 +38,8 @@
 #   swiglu         issue #7: the fused fp8 SwiGLU's bits and time on one NewBie feed-forward (no model files)
 #   newbie_fused   issue #7: newbie_cold with the fused feed-forwards, then newbie_12gb layer by layer
 #                  (LOWVRAM_FUSED_FFN=0) on the same machine
+#   newbie_attn    issue #7: newbie_24gb unconstrained and newbie_12gb at 6 GiB, default attention and cuDNN attention
+#                  (FlashAttnToggle in both graphs), one run
 #   dit6           issue #7: the NewBie DiT alone at 6 GiB (cond and uncond in one batch), fused, then layer by layer
 set -uo pipefail
 cd "$(dirname "$0")/.."
@@ -161,6 +163,9 @@ for round in "$@"; do
             run 200 newbie_fused_cold "${e2e[@]}" --workflows newbie_24gb,newbie_12gb --parts extra --graphs ours
             run 120 newbie_unfused env LOWVRAM_FUSED_FFN=0 "${e2e[@]}" --workflows newbie_12gb --parts extra \
                 --graphs ours --cleanup ;;
+        newbie_attn)
+            run 330 newbie_attn "${e2e[@]}" --workflows newbie_24gb,newbie_12gb --parts extra,attn \
+                --graphs ours,ours-cudnn --cleanup ;;
         dit6)   # issue #7: bench.offload_families' NewBie rows at 6 GiB, 10 steps; then ours again layer by layer
             run 240 dit6_fused python3 -m bench.offload_families --models-dir "$M" --out-dir "$OUT" --families newbie \
                 --budgets 6 --steps 10

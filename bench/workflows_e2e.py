@@ -100,6 +100,13 @@ def plan_jobs(workflows: list[str], parts: set[str]) -> list[Job]:
                             "(issue #7; needs bitsandbytes)"))
             jobs.append(Job(w, "ours-nf4-compiled", (6.0,), "extra", label="NewBie pipeline, NF4 text encoders, "
                             "CompileModelBlocks after ChunkedOffloadUNet, in 6 GiB (issue #7)"))
+        # issue #7: both NewBie pipelines with one attention kernel (cuDNN through FlashAttnToggle), same footing
+        if "attn" in parts and w == "newbie_24gb":
+            jobs.append(Job(w, "ours-cudnn", (None,), "attn", label="NewBie resident bf16 pipeline, cuDNN attention "
+                            "(FlashAttnToggle), unconstrained"))
+        if "attn" in parts and w == "newbie_12gb":
+            jobs.append(Job(w, "ours-cudnn", (6.0,), "attn", label="NewBie fp8 pipeline in 6 GiB, cuDNN attention "
+                            "(FlashAttnToggle)"))
     jobs.sort(key=lambda j: FAMILIES.index(j.family))
     return jobs
 
@@ -127,6 +134,8 @@ def graph_for(job: Job, ctx: Context) -> dict:
         api = bypass(api, {"ChunkedOffloadTextEncoder": "clip"})
     if "compiled" in variants:
         insert_after(api, "ChunkedOffloadUNet", "CompileModelBlocks", {"mode": "default"})
+    if "cudnn" in variants:   # FlashAttnToggle after the model's sampling patch, in any graph that has one
+        insert_after(api, "ModelSamplingAuraFlow", "FlashAttnToggle", {"backend": "sdpa_cudnn", "on_unavailable": "error"})
     if job.graph.startswith("core"):
         api = to_core(api)
         if job.graph == "core-bf16":
@@ -387,7 +396,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--time-budget-s", type=float, default=0, help="stop starting jobs after this long (0: no limit)")
     ap.add_argument("--cleanup", action="store_true", help="delete a family's synthetic files after its last job")
     ap.add_argument("--graphs", default="", help="comma list of graph variants to keep, e.g. ours (default: all; "
-                    "ours, ours-nf4, ours-nf4-compiled, ours-plainte, core, core-bf16)")
+                    "ours, ours-nf4, ours-nf4-compiled, ours-plainte, ours-cudnn, core, core-bf16)")
     ap.add_argument("--warm-start", action="store_true", help="before the measured server of each tier, te_ab, core and extra "
                     "job, run the graph once in a throwaway server (kernel caches warm, as on a user's next start)")
     ap.add_argument("--stack-samples", default=None, help="a folder: sample each measured server's prompt worker "
