@@ -42,7 +42,7 @@ def silu_mul_eager(gate: torch.Tensor, up: torch.Tensor) -> tuple[torch.Tensor, 
 
 @functools.lru_cache(maxsize=None)
 def silu_mul_quantizer() -> Callable[[torch.Tensor, torch.Tensor], tuple[torch.Tensor, torch.Tensor]]:
-    """quant.swiglu_triton's kernel for CUDA tensors where the triton package imports (it may overwrite gate: pass
+    """quant.swiglu_triton's kernel for CUDA tensors where the triton package imports (it overwrites gate: pass
     a temporary); silu_mul_eager elsewhere."""
     try:
         from .swiglu_triton import launch_silu_mul_
@@ -71,7 +71,7 @@ def fp8_swiglu(x: torch.Tensor, gate: Fp8Weights, up: Fp8Weights, down: Fp8Weigh
     g = run_scaled_mm(scaled_mm_args(a, scale_a, *gate, torch.bfloat16, PER_TOKEN, fast))   # [M, H] bf16
     u = run_scaled_mm(scaled_mm_args(a, scale_a, *up, torch.bfloat16, PER_TOKEN, fast))     # [M, H] bf16
     del a
-    h, scale_h = silu_mul_quantizer()(g, u)                            # [M, H] e4m3fn, [M, 1]; g may be overwritten
+    h, scale_h = silu_mul_quantizer()(g, u)                            # [M, H] e4m3fn, [M, 1]; g overwritten
     del g, u
     out = run_scaled_mm(scaled_mm_args(h, scale_h, *down, torch.bfloat16, PER_TOKEN, fast))  # [M, N] bf16
     return out if x.ndim == 2 else out.reshape(*x.shape[:-1], out.shape[-1])

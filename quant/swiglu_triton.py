@@ -3,10 +3,12 @@ SwiGLU feed-forward (NewBie's and Z-Image's `FeedForward`: w2(silu(w1(x)) * w3(x
 
 Unfused, a bf16 SwiGLU between its GEMMs runs three kernels over the [M, H] hidden activations: silu (reads
 x1, writes s), multiply (reads s and x3, writes h) and the quantizer (reads h twice, writes the fp8 codes):
-about 14 bytes of traffic per element. Here each token (row) gets one program. Rows up to 16384 wide (NewBie
-9216, Z-Image 10240) are held in registers: x1 and x3 read once, the codes written, 5 bytes per element.
-Wider rows take two passes: the first writes the product over x1's row, the second reads it back (mostly
-from cache) to scale and cast.
+about 14 bytes of traffic per element. Here each token (row) gets one program that reads its rows of x1 and
+x3 once, writes the product over x1's row, then reads it back (mostly from cache) to scale and cast: 7 bytes
+per element. On an H200 (NewBie, M = 4396, H = 9216; `python -m bench.swiglu_micro`, results
+swiglu_micro_nvidia-h200_2026-11-22T1020 and T1036) this took 0.127-0.139 ms; recomputing the product in the
+second pass instead took 0.165 ms (T1013), and the whole row held in registers (one 16384-wide block per row,
+16 warps) 0.281 ms (T1036): the exp and IEEE division per element are much of the work.
 
 The values are those of the unfused path, bit for bit on the GPU: silu and the product are each computed in
 fp32 and rounded to the input dtype, as PyTorch's bf16 kernels do (`x / (1 + exp(-x))` with an IEEE
@@ -69,32 +71,10 @@ def _silu_mul_e4m3_kernel(g_ptr, u_ptr, a_ptr, s_ptr, K, stride_g, stride_u, BLO
         tl.store(a_row + k0 + offs, (h / scale).to(tl.float8e4nv), mask=mask)
 
 
-@triton.jit(do_not_specialize=["K", "stride_g", "stride_u"])
-def _silu_mul_e4m3_row_kernel(g_ptr, u_ptr, a_ptr, s_ptr, K, stride_g, stride_u, BLOCK: tl.constexpr,
-                              PRECISE: tl.constexpr):
-    # The whole row in registers (BLOCK >= K): one read of g and u, the product computed once, no write-back.
-    row = tl.program_id(0).to(tl.int64)
-    offs = tl.arange(0, BLOCK)
-    mask = offs < K
-    g_raw = tl.load(g_ptr + row * stride_g + offs, mask=mask, other=0.0)
-    h = _gated(g_raw, tl.load(u_ptr + row * stride_u + offs, mask=mask, other=0.0), PRECISE)
-    scale = tl.maximum(tl.max(tl.abs(h), axis=0) / _E4M3_MAX, _TINY)
-    tl.store(s_ptr + row, scale)
-    tl.store(a_ptr + row * K + offs, (h / scale).to(tl.float8e4nv), mask=mask)
-
-
-# Rows up to this wide are held in registers (NewBie's 9216 and Z-Image's 10240 take one 16384-wide block);
-# wider ones take the two-pass kernel above.
-ROW_IN_REGISTERS_MAX = 16384
-ROW_NUM_WARPS = 16
-
-
-def launch_silu_mul_(gate: torch.Tensor, up: torch.Tensor, whole_row: bool | None = None
-                     ) -> tuple[torch.Tensor, torch.Tensor]:
+def launch_silu_mul_(gate: torch.Tensor, up: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """(a [M, H] e4m3fn, scale fp32 [M, 1]) with a * scale ~= F.silu(gate) * up, for gate and up [M, H] of one
-    float dtype, on whatever device they are (the CPU under TRITON_INTERPRET=1: tests). gate may be overwritten
-    with F.silu(gate) * up (pass a GEMM's output you are done with): the two-pass kernel for rows wider than
-    ROW_IN_REGISTERS_MAX keeps the product there. whole_row None: by the width; True/False: bench A/B."""
+    float dtype, on whatever device they are (the CPU under TRITON_INTERPRET=1: tests). In place: gate is
+    overwritten with F.silu(gate) * up (a GEMM's output the caller is done with; no [M, H] temporary)."""
     if gate.shape != up.shape or gate.ndim != 2 or gate.dtype != up.dtype:
         raise ValueError(f"launch_silu_mul_ takes gate and up of one shape [M, H] and dtype; got "
                          f"{gate.dtype} {list(gate.shape)} and {up.dtype} {list(up.shape)}")
@@ -104,12 +84,7 @@ def launch_silu_mul_(gate: torch.Tensor, up: torch.Tensor, whole_row: bool | Non
     m, h = gate.shape
     a = torch.empty((m, h), dtype=torch.float8_e4m3fn, device=gate.device)
     scale = torch.empty((m, 1), dtype=torch.float32, device=gate.device)
-    if whole_row is None:
-        whole_row = h <= ROW_IN_REGISTERS_MAX
-    if m and whole_row:
-        _silu_mul_e4m3_row_kernel[(m,)](gate, up, a, scale, h, gate.stride(0), up.stride(0),
-                                        BLOCK=triton.next_power_of_2(h), PRECISE=_PRECISE, num_warps=ROW_NUM_WARPS)
-    elif m:
+    if m:
         _silu_mul_e4m3_kernel[(m,)](gate, up, a, scale, h, gate.stride(0), up.stride(0), BLOCK_K=BLOCK_K,
                                     PRECISE=_PRECISE, num_warps=NUM_WARPS)
     return a, scale

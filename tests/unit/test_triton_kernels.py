@@ -20,4 +20,4 @@ def test_triton_kernels_match_pytorch_references_in_the_interpreter():
     proc = subprocess.run([sys.executable, str(CHECK)], env=env, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stdout + proc.stderr[-3000:]
     findings = json.loads(proc.stdout.strip().splitlines()[-1])
-    assert len(findings) == 2 * 2 * 2 * 3 + 2 + 2 * 2 and all(all(v.values()) for v in findings.values()), findings
+    assert len(findings) == 2 * 2 * 2 * 3 + 2 + 2 and all(all(v.values()) for v in findings.values()), findings
