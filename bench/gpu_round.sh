@@ -40,6 +40,8 @@
 #                  (LOWVRAM_FUSED_FFN=0) on the same machine
 #   newbie_attn    issue #7: newbie_24gb unconstrained and newbie_12gb at 6 GiB, default attention and cuDNN attention
 #                  (FlashAttnToggle in both graphs), one run
+#   newbie_fast    issue #7: the NewBie DiT's error and call time, bf16 / fp8 / fp8 fast accumulation
+#                  (bench.newbie_dit_fidelity), then newbie_24gb and newbie_12gb with and without fast accumulation
 #   dit6           issue #7: the NewBie DiT alone at 6 GiB (cond and uncond in one batch), fused, then layer by layer
 set -uo pipefail
 cd "$(dirname "$0")/.."
@@ -166,6 +168,10 @@ for round in "$@"; do
         newbie_attn)
             run 330 newbie_attn "${e2e[@]}" --workflows newbie_24gb,newbie_12gb --parts extra,attn \
                 --graphs ours,ours-cudnn --cleanup ;;
+        newbie_fast)
+            run 150 newbie_fidelity python3 -m bench.newbie_dit_fidelity --models-dir "$M" --out-dir "$OUT"
+            run 330 newbie_fast "${e2e[@]}" --workflows newbie_24gb,newbie_12gb --parts extra,fast \
+                --graphs ours,ours-fast --cleanup ;;
         dit6)   # issue #7: bench.offload_families' NewBie rows at 6 GiB, 10 steps; then ours again layer by layer
             run 240 dit6_fused python3 -m bench.offload_families --models-dir "$M" --out-dir "$OUT" --families newbie \
                 --budgets 6 --steps 10

@@ -104,6 +104,9 @@ def plan_jobs(workflows: list[str], parts: set[str]) -> list[Job]:
         if "attn" in parts and w == "newbie_24gb":
             jobs.append(Job(w, "ours-cudnn", (None,), "attn", label="NewBie resident bf16 pipeline, cuDNN attention "
                             "(FlashAttnToggle), unconstrained"))
+        if "fast" in parts and w == "newbie_12gb":
+            jobs.append(Job(w, "ours-fast", (6.0,), "fast", label="NewBie fp8 pipeline in 6 GiB, Float8DiTLoader "
+                            "compute auto_fast_accum"))
         if "attn" in parts and w == "newbie_12gb":
             jobs.append(Job(w, "ours-cudnn", (6.0,), "attn", label="NewBie fp8 pipeline in 6 GiB, cuDNN attention "
                             "(FlashAttnToggle)"))
@@ -134,6 +137,10 @@ def graph_for(job: Job, ctx: Context) -> dict:
         api = bypass(api, {"ChunkedOffloadTextEncoder": "clip"})
     if "compiled" in variants:
         insert_after(api, "ChunkedOffloadUNet", "CompileModelBlocks", {"mode": "default"})
+    if "fast" in variants:   # the fp8 GEMMs' fast accumulation
+        for node in api.values():
+            if node["class_type"] == "Float8DiTLoader":
+                node["inputs"]["compute"] = "auto_fast_accum"
     if "cudnn" in variants:   # FlashAttnToggle after the model's sampling patch, in any graph that has one
         insert_after(api, "ModelSamplingAuraFlow", "FlashAttnToggle", {"backend": "sdpa_cudnn", "on_unavailable": "error"})
     if job.graph.startswith("core"):
@@ -396,7 +403,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--time-budget-s", type=float, default=0, help="stop starting jobs after this long (0: no limit)")
     ap.add_argument("--cleanup", action="store_true", help="delete a family's synthetic files after its last job")
     ap.add_argument("--graphs", default="", help="comma list of graph variants to keep, e.g. ours (default: all; "
-                    "ours, ours-nf4, ours-nf4-compiled, ours-plainte, ours-cudnn, core, core-bf16)")
+                    "ours, ours-nf4, ours-nf4-compiled, ours-plainte, ours-cudnn, ours-fast, core, core-bf16)")
     ap.add_argument("--warm-start", action="store_true", help="before the measured server of each tier, te_ab, core and extra "
                     "job, run the graph once in a throwaway server (kernel caches warm, as on a user's next start)")
     ap.add_argument("--stack-samples", default=None, help="a folder: sample each measured server's prompt worker "

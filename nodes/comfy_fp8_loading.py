@@ -48,6 +48,8 @@ class Fp8LoadConfig:
     quant: QuantConfig
     high_precision_layers: str = "auto"
     save_copy_to: str | None = None  # path of the quantized copy to write, or None
+    # The fp8 GEMMs' fast accumulation: how to compute, not how the weights are stored (no saved copy records it).
+    fast_accum: bool = False
 
 
 @dataclass(frozen=True)
@@ -61,11 +63,13 @@ class Fp8LoadReport:
     seconds: float
     saved_copy: str | None
     reused_copy: str | None = None   # a current saved copy loaded instead of quantizing the source again
+    fast_accum: bool = False
 
     def text(self) -> str:
         return (f"{self.family}: {self.quantized_layers} layers quantized, {self.fp8_source_layers} fp8 from the "
-                f"file, {self.kept_layers} kept in high precision; compute {self.compute}; "
-                f"source layout {self.layout}; {self.seconds:.1f} s"
+                f"file, {self.kept_layers} kept in high precision; compute {self.compute}"
+                + (" with fast accumulation" if self.fast_accum and self.compute == "fp8" else "")
+                + f"; source layout {self.layout}; {self.seconds:.1f} s"
                 + (f"; saved {self.saved_copy}" if self.saved_copy else "")
                 + (f"; loaded the saved copy {self.reused_copy}, which is current" if self.reused_copy else ""))
 
@@ -191,7 +195,7 @@ def build_fp8_model(source: Fp8Source):
     # dtype the model computes in. A norm or kept Linear then skips cast_bias_weight, host time on every call
     # of every step.
     cast = comfy.model_management.unet_manual_cast(high_precision, device) is not None
-    ops = make_fp8_ops(compute, quant_cfg.act_scaling, cast_weights=cast)
+    ops = make_fp8_ops(compute, quant_cfg.act_scaling, cast_weights=cast, fast_accum=source.cfg.fast_accum)
     options = {"custom_operations": ops, "dtype": high_precision}
     counts = (len(qf.quantized), len(qf.fp8_source), len(qf.kept))
     adapter = post_load_adapter(family)
@@ -204,7 +208,7 @@ def build_fp8_model(source: Fp8Source):
         model = adapter.attach(model, extra, family.name, path)
     add_fused_ffn_patches(model)
     report = Fp8LoadReport(family.name, qf.layout, compute, *counts, time.perf_counter() - source.started,
-                           source.saved, source.reused_copy)
+                           source.saved, source.reused_copy, source.cfg.fast_accum)
     log.info("LowVRAM Kit Float8DiTLoader: %s", report.text())
     return model, report
 

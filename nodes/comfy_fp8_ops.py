@@ -28,8 +28,10 @@ from ..quant.formats import format_of_dtype
 log = logging.getLogger("lowvram")
 
 
-def make_fp8_ops(compute: str, act_scaling: str = "per_token", cast_weights: bool = True):
+def make_fp8_ops(compute: str, act_scaling: str = "per_token", cast_weights: bool = True, fast_accum: bool = False):
     """An operations class for ComfyUI; `compute` is "fp8" (torch._scaled_mm) or "dequant" (bf16).
+    fast_accum: the fp8 GEMMs skip Hopper's periodic promotion of partial sums to fp32 (faster, measured in
+    bench/newbie_dit_fidelity.py for its error).
 
     cast_weights: whether the layers that stay in high precision (norms, embeddings, kept Linears) cast their
     weights to the input's dtype on every call, as ComfyUI's manual_cast operations do. ComfyUI itself picks
@@ -42,7 +44,7 @@ def make_fp8_ops(compute: str, act_scaling: str = "per_token", cast_weights: boo
     class LowVRAMFp8Ops(base):
         class Linear(base.Linear):
             # Read by nodes.comfy_fused_ffn, which runs three such layers as one fused path.
-            fp8_compute, fp8_act_scaling = compute, act_scaling
+            fp8_compute, fp8_act_scaling, fp8_fast_accum = compute, act_scaling, fast_accum
 
             def reset_parameters(self):
                 self.weight_scale = None
@@ -74,7 +76,7 @@ def make_fp8_ops(compute: str, act_scaling: str = "per_token", cast_weights: boo
                 # With LoRA in lowvram mode the weight functions return fp8 *values* in fp32: dequant path.
                 mode = compute if weight.dtype == self.weight.dtype else "dequant"
                 out = fp8_linear(input, weight, scale, bias, out_dtype=input.dtype, mode=mode,
-                                 act_scaling=act_scaling)
+                                 act_scaling=act_scaling, fast_accum=fast_accum)
                 comfy.ops.uncast_bias_weight(self, weight, bias, stream)
                 return out
 
@@ -88,7 +90,7 @@ def make_fp8_ops(compute: str, act_scaling: str = "per_token", cast_weights: boo
                     # 238 such layers and is bound by the host (bench/results/eager_launch_bound_*). The
                     # bias is cast by the GEMM path itself.
                     return fp8_linear(input, weight, self.weight_scale, self.bias, out_dtype=input.dtype,
-                                      mode=compute, act_scaling=act_scaling)
+                                      mode=compute, act_scaling=act_scaling, fast_accum=fast_accum)
                 return self.forward_comfy_cast_weights(input, *args, **kwargs)
 
             def _rows(self, t: torch.Tensor) -> torch.Tensor:

@@ -53,9 +53,10 @@ class FusedSwiGLUForward:
         layers = [getattr(module, name) for name in self.names]      # gate, up, down
         if not torch.compiler.is_compiling() and all(_fp8_ready(layer, x) for layer in layers):
             weights = [Fp8Weights(layer.weight, layer.weight_scale, layer.bias) for layer in layers]
-            if fp8_swiglu_takes(x, *weights):
+            fast = {getattr(layer, "fp8_fast_accum", False) for layer in layers}
+            if len(fast) == 1 and fp8_swiglu_takes(x, *weights):
                 CALLS["fused"] += 1
-                return fp8_swiglu(x, *weights)
+                return fp8_swiglu(x, *weights, fast_accum=fast.pop())
         CALLS["module"] += 1
         return type(module).forward(module, x)
 

@@ -10,8 +10,10 @@ from ..quant import FP8_FORMATS, GRANULARITIES, QuantConfig
 from .comfy_fp8_loading import Fp8LoadConfig, build_fp8_model, read_fp8_file
 
 CKPT_TAG = "checkpoints/"  # entries from models/checkpoints: their diffusion model is taken
-# Widget value -> quant.QuantConfig.compute
-COMPUTE_CHOICES = {"auto": "auto", "fp8_matmul": "fp8", "bf16_dequant": "dequant"}
+# Widget value -> (quant.QuantConfig.compute, the fp8 GEMMs' fast accumulation). Values are saved in workflows:
+# new ones go last, none is renamed.
+COMPUTE_CHOICES = {"auto": ("auto", False), "fp8_matmul": ("fp8", False), "bf16_dequant": ("dequant", False),
+                   "auto_fast_accum": ("auto", True)}
 # Set to 1 in the server's environment: the file is read on the prompt's thread, as before the loader was
 # async, so that the two can be measured against each other on one machine.
 SERIAL_LOAD_ENV = "LOWVRAM_SERIAL_LOAD"
@@ -56,7 +58,9 @@ class Float8DiTLoader:
                                   "scale per output channel (most accurate). per_tensor: one per layer. none: "
                                   "plain cast, like ComfyUI's fp8 weight dtype."}),
             "compute": (list(COMPUTE_CHOICES), {"default": "auto", "tooltip": "auto: fp8 matmul where the GPU has "
-                        "fp8 units, else bf16. bf16_dequant: always upcast the weight for each matmul."}),
+                        "fp8 units, else bf16. bf16_dequant: always upcast the weight for each matmul. "
+                        "auto_fast_accum: as auto, with the fp8 matmul's fast accumulation (a few percent faster "
+                        "on H100/H200; its error is measured in the README)."}),
             "high_precision_layers": ("STRING", {"default": "auto", "tooltip": "Layers kept in bf16: 'auto' (the "
                                       "family's embedders, norms, final layer...), or comma-separated regular "
                                       "expressions of layer names; 'auto, <regex>' adds to the default."}),
@@ -74,10 +78,11 @@ class Float8DiTLoader:
         # encoder's loading and encoding; ComfyUI's model is built back on the prompt's thread.
         if compute not in COMPUTE_CHOICES:
             raise ValueError(f"compute={compute!r} is not one of {', '.join(COMPUTE_CHOICES)}")
-        qcfg = QuantConfig(fmt=fp8_format, granularity=scale_granularity, compute=COMPUTE_CHOICES[compute])
+        mode, fast_accum = COMPUTE_CHOICES[compute]
+        qcfg = QuantConfig(fmt=fp8_format, granularity=scale_granularity, compute=mode)
         path = resolve_path(model_name)
         cfg = Fp8LoadConfig(qcfg, high_precision_layers,
-                            quantized_copy_path(path, qcfg) if save_quantized_copy else None)
+                            quantized_copy_path(path, qcfg) if save_quantized_copy else None, fast_accum)
         if os.environ.get(SERIAL_LOAD_ENV) == "1":   # for A/B measurements (bench/gpu_round.sh load_ab24)
             source = read_fp8_file(path, cfg)
         else:

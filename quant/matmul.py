@@ -398,11 +398,13 @@ def _note_fallback(reason: str) -> None:
 def fp8_linear(
     x: torch.Tensor, w_fp8: torch.Tensor, w_scale: torch.Tensor, bias: torch.Tensor | None = None,
     out_dtype: torch.dtype | None = None, mode: str = "dequant", act_scaling: str = "per_token",
+    fast_accum: bool | None = None,
 ) -> torch.Tensor:
     """x [..., in] -> [..., out] with an fp8 weight [out, in] and its scale ([out] or []).
 
     mode "fp8" runs `torch._scaled_mm` (resolve_compute() says when the device can); "dequant" runs
-    F.linear on the weight cast to `out_dtype` (default: x's dtype, bf16 for other inputs).
+    F.linear on the weight cast to `out_dtype` (default: x's dtype, bf16 for other inputs). fast_accum (fp8
+    mode): the GEMM's fast accumulation; None takes the process-wide Fp8MatmulOptions.fast_accum.
     >>> w = torch.tensor([[1.0, 2.0], [4.0, 8.0]]).to(torch.float8_e4m3fn)
     >>> fp8_linear(torch.ones(1, 2), w, torch.tensor([0.5, 0.25]))
     tensor([[1.5000, 3.0000]])
@@ -411,5 +413,5 @@ def fp8_linear(
         raise ValueError(f"fp8_linear mode {mode!r} is not allowed; choose one of: {', '.join(_PATHS)}")
     out_dtype = _out_dtype(x, out_dtype)
     if mode == "fp8":
-        return linear_fp8(x, w_fp8, w_scale, bias, out_dtype, act_scaling)
+        return linear_fp8(x, w_fp8, w_scale, bias, out_dtype, act_scaling, fast_accum)
     return linear_dequant(x, w_fp8, w_scale, bias, out_dtype)

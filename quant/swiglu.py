@@ -63,10 +63,12 @@ def fp8_swiglu_takes(x: torch.Tensor, gate: Fp8Weights, up: Fp8Weights, down: Fp
             and all(_gemm_takes(x, w.weight, w.scale) for w in (gate, up, down)))
 
 
-def fp8_swiglu(x: torch.Tensor, gate: Fp8Weights, up: Fp8Weights, down: Fp8Weights) -> torch.Tensor:
-    """down(silu(gate(x)) * up(x)) for x [..., K] bf16 -> [..., N]; call only where fp8_swiglu_takes says so."""
+def fp8_swiglu(x: torch.Tensor, gate: Fp8Weights, up: Fp8Weights, down: Fp8Weights,
+               fast_accum: bool | None = None) -> torch.Tensor:
+    """down(silu(gate(x)) * up(x)) for x [..., K] bf16 -> [..., N]; call only where fp8_swiglu_takes says so.
+    fast_accum: the GEMMs' fast accumulation (None: the process-wide Fp8MatmulOptions.fast_accum)."""
     x2d = x if x.ndim == 2 else x.reshape(-1, x.shape[-1])             # [M, K]
-    fast = fp8_matmul_options().fast_accum
+    fast = fp8_matmul_options().fast_accum if fast_accum is None else fast_accum
     a, scale_a = _act_quantizer()(x2d, PER_TOKEN)                      # [M, K] e4m3fn, [M, 1]
     g = run_scaled_mm(scaled_mm_args(a, scale_a, *gate, torch.bfloat16, PER_TOKEN, fast))   # [M, H] bf16
     u = run_scaled_mm(scaled_mm_args(a, scale_a, *up, torch.bfloat16, PER_TOKEN, fast))     # [M, H] bf16
@@ -77,9 +79,10 @@ def fp8_swiglu(x: torch.Tensor, gate: Fp8Weights, up: Fp8Weights, down: Fp8Weigh
     return out if x.ndim == 2 else out.reshape(*x.shape[:-1], out.shape[-1])
 
 
-def swiglu_unfused(x: torch.Tensor, gate: Fp8Weights, up: Fp8Weights, down: Fp8Weights) -> torch.Tensor:
+def swiglu_unfused(x: torch.Tensor, gate: Fp8Weights, up: Fp8Weights, down: Fp8Weights,
+                   fast_accum: bool | None = None) -> torch.Tensor:
     """The layer-by-layer path fp8_swiglu replaces (what ComfyUI's FeedForward.forward does with fp8 layers)."""
     def lin(t: torch.Tensor, w: Fp8Weights) -> torch.Tensor:
-        return linear_fp8(t, w.weight, w.scale, w.bias, t.dtype, PER_TOKEN)
+        return linear_fp8(t, w.weight, w.scale, w.bias, t.dtype, PER_TOKEN, fast_accum)
 
     return lin(F.silu(lin(x, gate)) * lin(x, up), down)

@@ -316,3 +316,19 @@ def test_quantizing_on_the_gpu_reserves_its_peak_from_our_streaming_budgets(pack
         largest = max(f.get_tensor(k).nbytes for k in f.keys() if len(f.get_slice(k).get_shape()) == 2)
     assert peak >= 3 * largest and seen == [(peak, 8 * 2**30 - peak)]
     assert reservations.reserved_bytes(gpu) == 0 and BlockStreamingSession.free_bytes(gpu) == 8 * 2**30
+
+
+def test_the_fast_accumulation_choice_reaches_the_models_layers(pack, flux_path, monkeypatch):
+    import asyncio
+
+    node_module = importlib.import_module("lowvram_kit.nodes.float8_dit_loader")
+    seen = []
+    monkeypatch.setattr(node_module, "resolve_path", lambda name: flux_path)
+    monkeypatch.setattr(node_module, "read_fp8_file", lambda path, cfg: seen.append(cfg) or pack.read_fp8_file(path, cfg))
+    loader = node_module.Float8DiTLoader()
+    (model,) = asyncio.run(loader.load("flux1-dev.safetensors", "e4m3fn", "per_channel", "auto_fast_accum", "auto", False))
+    (plain,) = asyncio.run(loader.load("flux1-dev.safetensors", "e4m3fn", "per_channel", "auto", "auto", False))
+    assert [(c.fast_accum, c.quant.compute) for c in seen] == [(True, "auto"), (False, "auto")]
+    assert type(model.model.diffusion_model.single_blocks[0].linear1).fp8_fast_accum is True
+    assert type(plain.model.diffusion_model.single_blocks[0].linear1).fp8_fast_accum is False
+    assert "auto_fast_accum" in node_module.Float8DiTLoader.INPUT_TYPES()["required"]["compute"][0]

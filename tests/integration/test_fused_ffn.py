@@ -112,3 +112,14 @@ def test_the_ab_switch_leaves_the_model_unpatched(loaded, monkeypatch):
     assert fused.add_fused_ffn_patches(clone) == 0 and clone.object_patches == {}
     monkeypatch.delenv(fused.DISABLE_ENV)
     assert fused.add_fused_ffn_patches(clone) == 5
+
+
+def test_a_model_loaded_with_fast_accumulation_fuses_with_it(loaded, monkeypatch):
+    model, fused = loaded
+    model.patch_model()
+    m = model.model.diffusion_model.get_submodule("context_refiner.0.feed_forward")
+    monkeypatch.setattr(type(m.w1), "fp8_fast_accum", True)   # the ops class every fp8 layer of the model shares
+    calls = torch._scaled_mm.calls                            # the strict stand-in of loaded_once
+    start = len(calls)
+    m(module_input())
+    assert [c["fast_accum"] for c in calls[start:]] == [True] * 3

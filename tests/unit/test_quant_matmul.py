@@ -312,3 +312,13 @@ def test_a_dequant_fallback_is_counted_and_logged_once_per_reason(strict_mm, mon
     assert mm.FALLBACKS == {reason: 3} and strict_mm.calls and len(strict_mm.calls) == 1
     logged = [r.getMessage() for r in caplog.records if r.name == "lowvram"]
     assert len(logged) == 1 and reason in logged[0]
+
+
+def test_a_call_asks_for_fast_accumulation_itself(strict_mm):
+    # A model loaded with fast accumulation asks for it per call; the process-wide option stays as it was.
+    q, s = _weight()
+    x = torch.randn(4, 64).to(torch.bfloat16)
+    fp8_linear(x, q, s, mode="fp8", fast_accum=True)
+    fp8_linear(x, q, s, mode="fp8", fast_accum=False)
+    fp8_linear(x, q, s, mode="fp8")
+    assert [c["fast_accum"] for c in strict_mm.calls] == [True, False, False]

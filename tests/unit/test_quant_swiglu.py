@@ -65,6 +65,16 @@ def test_fused_gives_the_unfused_bits_with_one_quantization_of_x(strict_mm, quan
     assert torch.equal(got, want)
 
 
+def test_fast_accumulation_reaches_all_three_gemms(strict_mm):
+    x = torch.randn(5, K).to(torch.bfloat16)
+    gate, up, down = _ffn()
+    assert torch.equal(fp8_swiglu(x, gate, up, down, fast_accum=True),
+                       swiglu_unfused(x, gate, up, down, fast_accum=True))
+    assert [c["fast_accum"] for c in strict_mm.calls] == [True] * 6
+    fp8_swiglu(x, gate, up, down)
+    assert [c["fast_accum"] for c in strict_mm.calls[6:]] == [False] * 3
+
+
 def test_what_the_fused_path_declines(strict_mm):
     gate, up, down = _ffn()
     x = torch.randn(5, K).to(torch.bfloat16)
