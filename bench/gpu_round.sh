@@ -42,6 +42,8 @@
 #                  (FlashAttnToggle in both graphs), one run
 #   newbie_fast    issue #7: the NewBie DiT's error and call time, bf16 / fp8 / fp8 fast accumulation
 #                  (bench.newbie_dit_fidelity), then newbie_24gb and newbie_12gb with and without fast accumulation
+#   newbie_bar     issue #7: newbie_24gb unconstrained and newbie_12gb at 6 GiB (as shipped: fast accumulation) and
+#                  with compute auto (ours-precise), on a fresh machine, then all three again after a warm-up start
 #   dit6           issue #7: the NewBie DiT alone at 6 GiB (cond and uncond in one batch), fused, then layer by layer
 set -uo pipefail
 cd "$(dirname "$0")/.."
@@ -172,6 +174,11 @@ for round in "$@"; do
             run 150 newbie_fidelity python3 -m bench.newbie_dit_fidelity --models-dir "$M" --out-dir "$OUT"
             run 330 newbie_fast "${e2e[@]}" --workflows newbie_24gb,newbie_12gb --parts extra,fast \
                 --graphs ours,ours-fast --cleanup ;;
+        newbie_bar)
+            run 280 newbie_bar_cold "${e2e[@]}" --workflows newbie_24gb,newbie_12gb --parts extra,precise \
+                --graphs ours,ours-precise
+            run 300 newbie_bar_warm "${e2e[@]}" --workflows newbie_24gb,newbie_12gb --parts extra,precise \
+                --graphs ours,ours-precise --warm-start --cleanup ;;
         dit6)   # issue #7: bench.offload_families' NewBie rows at 6 GiB, 10 steps; then ours again layer by layer
             run 240 dit6_fused python3 -m bench.offload_families --models-dir "$M" --out-dir "$OUT" --families newbie \
                 --budgets 6 --steps 10

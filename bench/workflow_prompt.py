@@ -8,6 +8,7 @@ server started, ballast included).
 """
 from __future__ import annotations
 
+import statistics
 import time
 import uuid
 
@@ -22,16 +23,34 @@ def sampler_ids(api: dict) -> set[str]:
     return {nid for nid, n in api.items() if n["class_type"] in SAMPLER_CLASSES}
 
 
-def s_per_it(events: list[tuple[float, str, dict]], samplers: set[str], prompt_id: str) -> tuple[float | None, int]:
-    """(mean seconds of steps 2..N, N) from one sampler's progress events; None with fewer than 3 steps."""
+def step_marks(events: list[tuple[float, str, dict]], samplers: set[str], prompt_id: str) -> dict[int, float]:
+    """Step number -> the time of its first progress report, from one sampler's progress events."""
     marks: dict[int, float] = {}
     for t, kind, data in events:
         if kind == "progress" and str(data.get("node")) in samplers and data.get("prompt_id") in (None, prompt_id):
             marks.setdefault(int(data["value"]), t)   # first report of each step
+    return marks
+
+
+def s_per_it(events: list[tuple[float, str, dict]], samplers: set[str], prompt_id: str) -> tuple[float | None, int]:
+    """(mean seconds of steps 2..N, N) from one sampler's progress events; None with fewer than 3 steps."""
+    marks = step_marks(events, samplers, prompt_id)
     steps = max(marks, default=0)
     if steps < 3 or 1 not in marks:
         return None, steps
     return (marks[steps] - marks[1]) / (steps - 1), steps
+
+
+def step_seconds(events: list[tuple[float, str, dict]], samplers: set[str], prompt_id: str) -> list[float]:
+    """Seconds of each of steps 2..N (between consecutive progress reports): the mean hides whether a slow
+    prompt was slow at every step or stalled once.
+
+    >>> ev = [(t, "progress", {"node": "9", "value": v}) for t, v in ((0.0, 1), (0.5, 2), (0.7, 3), (1.6, 4))]
+    >>> [round(s, 3) for s in step_seconds(ev, {"9"}, "p")]
+    [0.5, 0.2, 0.9]
+    """
+    marks = step_marks(events, samplers, prompt_id)
+    return [marks[i] - marks[i - 1] for i in sorted(marks) if i - 1 in marks]
 
 
 def stage_spans(events, api: dict, prompt_id: str, t_end: float) -> list[tuple[str, float, float]]:
@@ -77,6 +96,8 @@ def run_prompt(server: ComfyServer, api: dict, timeline, base_bytes: int | None,
     peak = timeline.peak_between(t0, t_end) if timeline is not None else None
     row["peak_gib"] = None if peak is None or base_bytes is None else round((peak - base_bytes) / GiB, 3)
     row["s_per_it"], row["steps"] = s_per_it(events, sampler_ids(api), prompt_id)
+    row["step_s"] = [round(x, 4) for x in step_seconds(events, sampler_ids(api), prompt_id)]
+    row["s_per_it_median"] = statistics.median(row["step_s"]) if row["step_s"] else None
     if entry is not None:
         row["images"] = sum(len(o.get("images", [])) for o in entry.get("outputs", {}).values())
     row["pack_log"] = pack_log_lines(server, log_start)

@@ -107,6 +107,9 @@ def plan_jobs(workflows: list[str], parts: set[str]) -> list[Job]:
         if "fast" in parts and w == "newbie_12gb":
             jobs.append(Job(w, "ours-fast", (6.0,), "fast", label="NewBie fp8 pipeline in 6 GiB, Float8DiTLoader "
                             "compute auto_fast_accum"))
+        if "precise" in parts and w == "newbie_12gb":
+            jobs.append(Job(w, "ours-precise", (6.0,), "precise", label="NewBie fp8 pipeline in 6 GiB, Float8DiTLoader "
+                            "compute auto (no fast accumulation)"))
         if "attn" in parts and w == "newbie_12gb":
             jobs.append(Job(w, "ours-cudnn", (6.0,), "attn", label="NewBie fp8 pipeline in 6 GiB, cuDNN attention "
                             "(FlashAttnToggle)"))
@@ -137,10 +140,11 @@ def graph_for(job: Job, ctx: Context) -> dict:
         api = bypass(api, {"ChunkedOffloadTextEncoder": "clip"})
     if "compiled" in variants:
         insert_after(api, "ChunkedOffloadUNet", "CompileModelBlocks", {"mode": "default"})
-    if "fast" in variants:   # the fp8 GEMMs' fast accumulation
-        for node in api.values():
-            if node["class_type"] == "Float8DiTLoader":
-                node["inputs"]["compute"] = "auto_fast_accum"
+    for variant, compute in (("fast", "auto_fast_accum"), ("precise", "auto")):   # the fp8 GEMMs' accumulation
+        if variant in variants:
+            for node in api.values():
+                if node["class_type"] == "Float8DiTLoader":
+                    node["inputs"]["compute"] = compute
     if "cudnn" in variants:   # FlashAttnToggle after the model's sampling patch, in any graph that has one
         insert_after(api, "ModelSamplingAuraFlow", "FlashAttnToggle", {"backend": "sdpa_cudnn", "on_unavailable": "error"})
     if job.graph.startswith("core"):
@@ -278,7 +282,8 @@ def run_job(job: Job, ctx: Context) -> list[dict]:
                     row["vramguard_report"] = _guard_summary(json.loads(fresh[-1].read_text()))
                 rows.append(row)
                 print(f"[e2e] {job.workflow} {job.graph} {which} @ {gib} GiB: {row['prompt_s']:.2f} s, "
-                      f"s/it {row['s_per_it']}, peak {row['peak_gib']} GiB {row.get('error', '')}", flush=True)
+                      f"s/it {row['s_per_it']} (median step {row.get('s_per_it_median')}), peak {row['peak_gib']} GiB "
+                      f"{row.get('error', '')}", flush=True)
     except (ServerError, BallastError, RuntimeError, OSError) as e:
         rows.append({**base_row, "kind": "error", "error": f"{type(e).__name__}: {str(e)[:1500]}"})
         print(f"[e2e] {job.workflow} {job.graph}: {type(e).__name__}: {str(e)[:300]}", flush=True)
@@ -403,7 +408,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--time-budget-s", type=float, default=0, help="stop starting jobs after this long (0: no limit)")
     ap.add_argument("--cleanup", action="store_true", help="delete a family's synthetic files after its last job")
     ap.add_argument("--graphs", default="", help="comma list of graph variants to keep, e.g. ours (default: all; "
-                    "ours, ours-nf4, ours-nf4-compiled, ours-plainte, ours-cudnn, ours-fast, core, core-bf16)")
+                    "ours, ours-nf4, ours-nf4-compiled, ours-plainte, ours-cudnn, ours-fast, ours-precise, core, core-bf16)")
     ap.add_argument("--warm-start", action="store_true", help="before the measured server of each tier, te_ab, core and extra "
                     "job, run the graph once in a throwaway server (kernel caches warm, as on a user's next start)")
     ap.add_argument("--stack-samples", default=None, help="a folder: sample each measured server's prompt worker "
