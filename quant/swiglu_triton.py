@@ -7,8 +7,8 @@ about 14 bytes of traffic per element. Here each token (row) gets one program th
 x3 once, writes the product over x1's row, then reads it back (mostly from cache) to scale and cast: 7 bytes
 per element. On an H200 (NewBie, M = 4396, H = 9216; `python -m bench.swiglu_micro`, results
 swiglu_micro_nvidia-h200_2026-11-22T1020 and T1036) this took 0.127-0.139 ms; recomputing the product in the
-second pass instead took 0.165 ms (T1013), and the whole row held in registers (one 16384-wide block per row,
-16 warps) 0.281 ms (T1036): the exp and IEEE division per element are much of the work.
+second pass instead took 0.164 ms (T1013), and the whole row held in registers (one 16384-wide block per row,
+16 warps) 0.280 ms (T1036): the exp and IEEE division per element are much of the work.
 
 The values are those of the unfused path, bit for bit on the GPU: silu and the product are each computed in
 fp32 and rounded to the input dtype, as PyTorch's bf16 kernels do (`x / (1 + exp(-x))` with an IEEE
