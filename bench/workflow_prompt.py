@@ -53,6 +53,23 @@ def step_seconds(events: list[tuple[float, str, dict]], samplers: set[str], prom
     return [marks[i] - marks[i - 1] for i in sorted(marks) if i - 1 in marks]
 
 
+def step_clocks(timeline, marks: dict[int, float]) -> dict:
+    """Per step 2..N: the mean SM clock (MHz) and board power (W) NVML read during it, and the clock event
+    reasons seen over those steps (power cap, thermal...): is a slow step the GPU's doing or the host's?"""
+    from .nvml_timeline import CLOCK_REASONS
+
+    mhz, watts, reasons = [], [], set()
+    for i in sorted(marks):
+        if i - 1 not in marks:
+            continue
+        samples = timeline.clocks_between(marks[i - 1], marks[i])
+        mhz.append(round(statistics.mean(c[1] for c in samples)) if samples else None)
+        watts.append(round(statistics.mean(c[2] for c in samples), 1) if samples else None)
+        for c in samples:
+            reasons.update(name for bit, name in CLOCK_REASONS.items() if c[3] & bit)
+    return {"step_sm_mhz": mhz, "step_power_w": watts, "clock_reasons": sorted(reasons)}
+
+
 def stage_spans(events, api: dict, prompt_id: str, t_end: float) -> list[tuple[str, float, float]]:
     """(stage, start, end) of each node that ran, in order."""
     marks = [(t, d.get("node")) for t, kind, d in events
@@ -98,6 +115,8 @@ def run_prompt(server: ComfyServer, api: dict, timeline, base_bytes: int | None,
     row["s_per_it"], row["steps"] = s_per_it(events, sampler_ids(api), prompt_id)
     row["step_s"] = [round(x, 4) for x in step_seconds(events, sampler_ids(api), prompt_id)]
     row["s_per_it_median"] = statistics.median(row["step_s"]) if row["step_s"] else None
+    if timeline is not None and getattr(timeline, "clocks", None):
+        row.update(step_clocks(timeline, step_marks(events, sampler_ids(api), prompt_id)))
     if entry is not None:
         row["images"] = sum(len(o.get("images", [])) for o in entry.get("outputs", {}).values())
     row["pack_log"] = pack_log_lines(server, log_start)
