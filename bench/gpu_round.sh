@@ -44,6 +44,7 @@
 #                  (bench.newbie_dit_fidelity), then newbie_24gb and newbie_12gb with and without fast accumulation
 #   newbie_bar     issue #7: newbie_24gb unconstrained and newbie_12gb at 6 GiB (as shipped: fast accumulation) and
 #                  with compute auto (ours-precise), on a fresh machine, then all three again after a warm-up start
+#   newbie_alloc   issue #7: newbie_bar's cold half with ComfyUI's --disable-cuda-malloc (PyTorch's caching allocator)
 #   dit6           issue #7: the NewBie DiT alone at 6 GiB (cond and uncond in one batch), fused, then layer by layer
 set -uo pipefail
 cd "$(dirname "$0")/.."
@@ -179,6 +180,9 @@ for round in "$@"; do
                 --graphs ours,ours-precise
             run 300 newbie_bar_warm "${e2e[@]}" --workflows newbie_24gb,newbie_12gb --parts extra,precise \
                 --graphs ours,ours-precise --warm-start --cleanup ;;
+        newbie_alloc)
+            run 280 newbie_alloc env LOWVRAM_E2E_SERVER_ARGS=--disable-cuda-malloc "${e2e[@]}" \
+                --workflows newbie_24gb,newbie_12gb --parts extra,precise --graphs ours,ours-precise --cleanup ;;
         dit6)   # issue #7: bench.offload_families' NewBie rows at 6 GiB, 10 steps; then ours again layer by layer
             run 240 dit6_fused python3 -m bench.offload_families --models-dir "$M" --out-dir "$OUT" --families newbie \
                 --budgets 6 --steps 10

@@ -197,8 +197,14 @@ def ensure_models(api: dict, ctx: Context) -> list[str]:
     return written
 
 
+# More ComfyUI command-line flags for every measured server, space-separated (an A/B such as
+# `--disable-cuda-malloc`: ComfyUI's own default is PyTorch's cudaMallocAsync backend).
+SERVER_ARGS_ENV = "LOWVRAM_E2E_SERVER_ARGS"
+
+
 def server_config(ctx: Context, base: Path, stacks: Path | None = None) -> ServerConfig:
     return ServerConfig(base_dir=base, models_dirs=(ctx.models_dir,), cpu=ctx.smoke,
+                        extra_args=tuple(os.environ.get(SERVER_ARGS_ENV, "").split()),
                         front_end_root=FRONT_END if FRONT_END.is_dir() else None,
                         extra_node_dirs=(REPO_ROOT / TEST_NODES_DIR,) if ctx.smoke else (),
                         launcher=stack_sampler.launcher(stacks) if stacks else (),
