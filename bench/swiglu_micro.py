@@ -4,20 +4,20 @@ bits against the layer-by-layer path, and the GPU time of one call, bf16, fp8 la
 Checks (each must hold, else the run exits 1): the Triton silu-product quantizer's codes and scales equal
 PyTorch's silu and product followed by the per-token quantizer the unfused path uses; the fused
 feed-forward's output equals the unfused one.
-Times: CUDA events around `--repeat` calls in a row, after a warm-up; the median call. No model file.
+Times: CUDA events around each of `--repeat` calls, after three warm-up calls; the median. No model file.
 
     python -m bench.swiglu_micro --out-dir DIR       # CUDA with fp8 GEMM (compute capability 8.9+); ~20 s
 """
 from __future__ import annotations
 
 import argparse
-import statistics
 import time
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 
+from .fp8_linear_micro import time_call
 from .results import RESULTS_DIR, device_environment, host_environment, slug, utc_now, write_json
 
 DIM, HIDDEN, IMAGE_TOKENS = 2304, 9216, 4096
@@ -25,17 +25,8 @@ FFNS_PER_CALL = 36 + 2   # layers and noise refiners run on image + caption toke
 
 
 def timed_ms(fn, repeat: int) -> dict:
-    for _ in range(3):
-        fn()
-    ms = []
-    for _ in range(repeat):
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        fn()
-        end.record()
-        end.synchronize()
-        ms.append(start.elapsed_time(end))
-    return {"median_ms": statistics.median(ms), "min_ms": min(ms), "all_ms": ms}
+    """Median milliseconds of one call, CUDA events around each (bench.fp8_linear_micro.time_call)."""
+    return {"median_ms": time_call(fn, torch.device("cuda"), warmup=3, reps=repeat) * 1e3}
 
 
 def main(argv=None) -> int:

@@ -28,22 +28,37 @@ BLOCK_K = 1024
 NUM_WARPS = 4
 
 
+# The row's scale from the running |x| maxima acc [BLOCK_K] (fp32): stored, and returned. Shared with
+# quant.swiglu_triton, so that both kernels scale exactly alike.
+@triton.jit
+def store_row_scale(s_ptr, row, acc):
+    scale = tl.maximum(tl.max(acc, axis=0) / _E4M3_MAX, _TINY)
+    tl.store(s_ptr + row, scale)
+    return scale
+
+
+# The codes of one row: src_row[0:K] (any float dtype) / scale, cast to e4m3 into a_row. Shared with
+# quant.swiglu_triton: the same division and cast give the same codes.
+@triton.jit
+def store_e4m3_row(src_row, a_row, K, scale, BLOCK_K: tl.constexpr):
+    offs = tl.arange(0, BLOCK_K)
+    for k0 in range(0, K, BLOCK_K):
+        mask = k0 + offs < K
+        x = tl.load(src_row + k0 + offs, mask=mask, other=0.0).to(tl.float32)
+        tl.store(a_row + k0 + offs, (x / scale).to(tl.float8e4nv), mask=mask)
+
+
 @triton.jit(do_not_specialize=["K", "stride_xm"])
 def _per_token_e4m3_kernel(x_ptr, a_ptr, s_ptr, K, stride_xm, BLOCK_K: tl.constexpr):
     row = tl.program_id(0).to(tl.int64)
     x_row = x_ptr + row * stride_xm
-    a_row = a_ptr + row * K
     offs = tl.arange(0, BLOCK_K)
     acc = tl.zeros([BLOCK_K], dtype=tl.float32)
     for k0 in range(0, K, BLOCK_K):
         x = tl.load(x_row + k0 + offs, mask=k0 + offs < K, other=0.0).to(tl.float32)
         acc = tl.maximum(acc, tl.abs(x))
-    scale = tl.maximum(tl.max(acc, axis=0) / _E4M3_MAX, _TINY)
-    tl.store(s_ptr + row, scale)
-    for k0 in range(0, K, BLOCK_K):
-        mask = k0 + offs < K
-        x = tl.load(x_row + k0 + offs, mask=mask, other=0.0).to(tl.float32)
-        tl.store(a_row + k0 + offs, (x / scale).to(tl.float8e4nv), mask=mask)
+    scale = store_row_scale(s_ptr, row, acc)
+    store_e4m3_row(x_row, a_ptr + row * K, K, scale, BLOCK_K)
 
 
 def quantize_activation_triton(x2d: torch.Tensor, act_scaling: str) -> tuple[torch.Tensor, torch.Tensor]:

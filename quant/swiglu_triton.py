@@ -26,10 +26,8 @@ import triton
 import triton.language as tl
 from triton.language.extra import libdevice
 
-from .act_quant_triton import BLOCK_K, NUM_WARPS
+from .act_quant_triton import BLOCK_K, NUM_WARPS, store_e4m3_row, store_row_scale
 
-_E4M3_MAX = tl.constexpr(448.0)
-_TINY = tl.constexpr(1.1754943508222875e-38)   # smallest normal fp32, as in act_quant_triton
 # Triton's interpreter (TRITON_INTERPRET=1, the CPU tests) has no libdevice; there the kernel takes tl.exp,
 # which on a GPU would be an approximation (ex2.approx) and differ from PyTorch's silu in the last bits.
 _PRECISE = os.environ.get("TRITON_INTERPRET", "0") != "1"
@@ -63,12 +61,8 @@ def _silu_mul_e4m3_kernel(g_ptr, u_ptr, a_ptr, s_ptr, K, stride_g, stride_u, BLO
         h = _gated(g_raw, tl.load(u_row + k0 + offs, mask=mask, other=0.0), PRECISE)
         tl.store(g_row + k0 + offs, h.to(g_raw.dtype), mask=mask)
         acc = tl.maximum(acc, tl.abs(h))
-    scale = tl.maximum(tl.max(acc, axis=0) / _E4M3_MAX, _TINY)
-    tl.store(s_ptr + row, scale)
-    for k0 in range(0, K, BLOCK_K):
-        mask = k0 + offs < K
-        h = tl.load(g_row + k0 + offs, mask=mask, other=0.0).to(tl.float32)
-        tl.store(a_row + k0 + offs, (h / scale).to(tl.float8e4nv), mask=mask)
+    scale = store_row_scale(s_ptr, row, acc)
+    store_e4m3_row(g_row, a_row, K, scale, BLOCK_K)
 
 
 def launch_silu_mul_(gate: torch.Tensor, up: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
