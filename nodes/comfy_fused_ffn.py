@@ -2,7 +2,7 @@
 
 Next-DiT's `FeedForward` (NewBie, Z-Image, Lumina 2 in comfy/ldm/lumina/model.py) computes
 w2(silu(w1(x)) * w3(x)). With fp8 layers that is eight kernels, five of them passes over memory; quant.swiglu
-does it in four with the same bits. Each such module's `forward` is replaced through ComfyUI's object patches
+does it in five, two of them passes over memory, with the same bits. Each such module's `forward` is replaced through ComfyUI's object patches
 (`ModelPatcher.add_object_patch`): ComfyUI sets them while the model is patched in and restores the method
 when it unpatches, so clones, unloading and other patches work as for any model.
 

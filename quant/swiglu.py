@@ -1,5 +1,5 @@
 """A SwiGLU feed-forward, down(silu(gate(x)) * up(x)), whose three projections are fp8 with per-token
-activations, in four kernels: one quantization of x, the gate and up GEMMs, one kernel for silu, product and
+activations, in five kernels: one quantization of x, the gate and up GEMMs, one kernel for silu, product and
 quantization (quant.swiglu_triton), the down GEMM.
 
 The same three layers called one by one (fp8_linear each, F.silu and * between them, as NewBie's and
