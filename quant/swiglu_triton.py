@@ -3,9 +3,9 @@ SwiGLU feed-forward (NewBie's and Z-Image's `FeedForward`: w2(silu(w1(x)) * w3(x
 
 Unfused, a bf16 SwiGLU between its GEMMs runs three kernels over the [M, H] hidden activations: silu (reads
 x1, writes s), multiply (reads s and x3, writes h) and the quantizer (reads h twice, writes the fp8 codes):
-about 14 bytes of traffic per element. Here each token (row) gets one program that reads its rows of x1 and
-x3 once, writes the product over x1's row, then reads it back (mostly from cache) to scale and cast: 7 bytes
-per element. On an H200 (NewBie, M = 4396, H = 9216; `python -m bench.swiglu_micro`, results
+15 bytes of traffic per bf16 element. Here each token (row) gets one program that reads its rows of x1 and
+x3 once, writes the product over x1's row, then reads it back (mostly from cache) to scale and cast: 9 bytes
+per element, 2 of them mostly cache hits. On an H200 (NewBie, M = 4396, H = 9216; `python -m bench.swiglu_micro`, results
 swiglu_micro_nvidia-h200_2026-11-22T1020 and T1036) this took 0.127-0.139 ms; recomputing the product in the
 second pass instead took 0.164 ms (T1013), and the whole row held in registers (one 16384-wide block per row,
 16 warps) 0.280 ms (T1036): the exp and IEEE division per element are much of the work.
