@@ -45,6 +45,8 @@
 #   newbie_bar     issue #7: newbie_24gb unconstrained and newbie_12gb at 6 GiB (as shipped: fast accumulation) and
 #                  with compute auto (ours-precise), on a fresh machine, then all three again after a warm-up start
 #   newbie_alloc   issue #7: newbie_bar's cold half with ComfyUI's --disable-cuda-malloc (PyTorch's caching allocator)
+#   newbie_graphs  issue #7: bench.newbie_dit_fidelity with each call also captured in a CUDA graph, with PyTorch's
+#                  caching allocator and with cudaMallocAsync (ComfyUI's default backend)
 #   dit6           issue #7: the NewBie DiT alone at 6 GiB (cond and uncond in one batch), fused, then layer by layer
 set -uo pipefail
 cd "$(dirname "$0")/.."
@@ -183,6 +185,11 @@ for round in "$@"; do
         newbie_alloc)
             run 280 newbie_alloc env LOWVRAM_E2E_SERVER_ARGS=--disable-cuda-malloc "${e2e[@]}" \
                 --workflows newbie_24gb,newbie_12gb --parts extra,precise --graphs ours,ours-precise --cleanup ;;
+        newbie_graphs)
+            run 200 newbie_graphs python3 -m bench.newbie_dit_fidelity --models-dir "$M" --out-dir "$OUT" --cuda-graphs
+            mkdir -p "$OUT/async"
+            run 200 newbie_graphs_async env PYTORCH_CUDA_ALLOC_CONF=backend:cudaMallocAsync python3 -m \
+                bench.newbie_dit_fidelity --models-dir "$M" --out-dir "$OUT/async" --cuda-graphs ;;
         dit6)   # issue #7: bench.offload_families' NewBie rows at 6 GiB, 10 steps; then ours again layer by layer
             run 240 dit6_fused python3 -m bench.offload_families --models-dir "$M" --out-dir "$OUT" --families newbie \
                 --budgets 6 --steps 10

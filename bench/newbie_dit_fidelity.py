@@ -42,6 +42,31 @@ def call(model, inp: dict, t: float) -> torch.Tensor:
                                        transformer_options={"wrappers": model.wrappers}).float()
 
 
+def graphed_call_s(model, inp: dict, repeat: int, want: torch.Tensor) -> dict:
+    """The same model call (t = 0.5) captured once in a CUDA graph and replayed: the median seconds of a
+    replay (synchronized), and whether its output equals the eager call's bit for bit. What the call costs
+    when the host does not issue it kernel by kernel."""
+    static = {k: v.clone() for k, v in inp.items()}
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        for _ in range(2):
+            call(model, static, 0.5)
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        out = call(model, static, 0.5)
+    times = []
+    for _ in range(repeat):
+        torch.cuda.synchronize()
+        t0 = time.perf_counter()
+        graph.replay()
+        torch.cuda.synchronize()
+        times.append(time.perf_counter() - t0)
+    return {"graph_call_s_median": statistics.median(times), "graph_call_s": times,
+            "graph_equals_eager": bool(torch.equal(out.cpu(), want))}
+
+
 def load(variant: str, path: Path):
     if variant == "bf16":
         return importlib.import_module("lowvram_kit.nodes.comfy_newbie_dit").load_newbie_dit(str(path), torch.bfloat16)
@@ -57,6 +82,7 @@ def main(argv=None) -> int:
     ap.add_argument("--out-dir", default=str(RESULTS_DIR))
     ap.add_argument("--caption-tokens", type=int, default=300)
     ap.add_argument("--repeat", type=int, default=10)
+    ap.add_argument("--cuda-graphs", action="store_true", help="also time each call captured in a CUDA graph")
     a = ap.parse_args(argv)
     path, _ = ensure_model("full", Path(a.models_dir), "cuda", "newbie")
     _args, mm, _sample, _fp, _nodes = import_comfy(os.environ["COMFYUI_PATH"], [])
@@ -86,6 +112,14 @@ def main(argv=None) -> int:
                      "finite": all(bool(o.isfinite().all()) for o in outputs[variant])})
         print(f"{variant:15s} call {statistics.median(times) * 1e3:7.2f} ms  rel L2 vs bf16 "
               + " ".join(f"t={t}: {e:.4f}" for t, e in zip(TIMESTEPS, rel)), flush=True)
+        if a.cuda_graphs:
+            try:
+                rows[-1].update(graphed_call_s(model, inp, a.repeat, outputs[variant][1]))
+                print(f"{variant:15s} graph replay {rows[-1]['graph_call_s_median'] * 1e3:7.2f} ms, "
+                      f"equal to eager: {rows[-1]['graph_equals_eager']}", flush=True)
+            except Exception as e:  # noqa: BLE001  (a capture failure is a finding, recorded)
+                rows[-1]["graph_error"] = f"{type(e).__name__}: {str(e)[:400]}"
+                print(f"{variant:15s} graph capture failed: {rows[-1]['graph_error']}", flush=True)
         mm.unload_all_models()
         del model
         torch.cuda.empty_cache()
