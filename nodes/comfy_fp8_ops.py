@@ -80,11 +80,18 @@ def make_fp8_ops(compute: str, act_scaling: str = "per_token", cast_weights: boo
                 comfy.ops.uncast_bias_weight(self, weight, bias, stream)
                 return out
 
+            def in_place_for(self, input) -> bool:
+                """Whether this fp8 layer's tensors serve `input` as they are: the weight on its device (resident,
+                or streamed into place by ChunkedOffloadUNet) and no weight functions (LoRA in lowvram mode).
+                Also asked by nodes.comfy_fused_ffn for the three layers it fuses."""
+                return (self.weight_scale is not None and self.weight.device == input.device
+                        and not self.weight_function and not self.bias_function)
+
             def forward(self, input, *args, **kwargs):
                 if self.weight_scale is None:
                     return super().forward(input, *args, **kwargs)
                 weight = self.weight
-                if weight.device == input.device and not self.weight_function and not self.bias_function:
+                if self.in_place_for(input):
                     # Resident (or streamed into place by ChunkedOffloadUNet): cast_bias_weight would hand
                     # back these very tensors, after host work on every call; a one-image NewBie call has
                     # 238 such layers and is bound by the host (bench/results/eager_launch_bound_*). The

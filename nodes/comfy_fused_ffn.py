@@ -36,10 +36,9 @@ def _class_key(module: torch.nn.Module) -> str:
 
 
 def _fp8_ready(layer, x: torch.Tensor) -> bool:
-    # What LowVRAMFp8Ops.Linear.forward checks before its direct path, plus the mode the fused path needs.
-    return (getattr(layer, "weight_scale", None) is not None and getattr(layer, "fp8_compute", None) == "fp8"
-            and getattr(layer, "fp8_act_scaling", None) == "per_token" and layer.weight.device == x.device
-            and not layer.weight_function and not layer.bias_function)
+    # The layer's own direct-path condition (LowVRAMFp8Ops.Linear.in_place_for), plus the mode the fused path needs.
+    return (getattr(layer, "fp8_compute", None) == "fp8" and layer.fp8_act_scaling == "per_token"
+            and layer.in_place_for(x))
 
 
 class FusedSwiGLUForward:
@@ -53,10 +52,10 @@ class FusedSwiGLUForward:
         layers = [getattr(module, name) for name in self.names]      # gate, up, down
         if not torch.compiler.is_compiling() and all(_fp8_ready(layer, x) for layer in layers):
             weights = [Fp8Weights(layer.weight, layer.weight_scale, layer.bias) for layer in layers]
-            fast = {getattr(layer, "fp8_fast_accum", False) for layer in layers}
-            if len(fast) == 1 and fp8_swiglu_takes(x, *weights):
+            if fp8_swiglu_takes(x, *weights):
                 CALLS["fused"] += 1
-                return fp8_swiglu(x, *weights, fast_accum=fast.pop())
+                # one ops class makes every fp8 layer of a model: the three share its fast_accum
+                return fp8_swiglu(x, *weights, fast_accum=layers[0].fp8_fast_accum)
         CALLS["module"] += 1
         return type(module).forward(module, x)
 
