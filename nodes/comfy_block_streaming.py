@@ -40,7 +40,7 @@ import math
 import os
 import time
 import weakref
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 
 import torch
 
@@ -75,6 +75,9 @@ MEASURED_MARGIN_BYTES = 64 << 20
 # An automatic budget that grew by more than this since the last attach for a latent shape is planned anew
 # (more resident blocks are worth packing again); a smaller growth keeps the last plan (see auto_budget).
 KEEP_PLAN_GROWTH = 1.25
+# ComfyUI batches cond and uncond into one model call only while this many times its activation estimate for
+# the batch is free (comfy/samplers.py, _calc_cond_batch); see batching_activation_bytes.
+COMFY_BATCH_FREE_FACTOR = 1.5
 GiB = 1 << 30
 WIDGET_STEP_GIB = 0.25  # vram_budget_gb's step: a suggested budget is rounded up to it
 
@@ -160,6 +163,8 @@ class BlockStreamingSession:
         self.attached_for = None  # the patcher (this clone or a later one, e.g. with LoRA) now running
         self.plan_text = ""
         self.cfg_doubles = False  # set by OUTER_SAMPLE for the sampling in progress: CFG runs the negative too
+        self.batching_room = None  # activation bytes the plan tries to leave free so that cond and uncond batch
+        self.calls = CallCounts()  # the model calls of the sampling in progress, by latents per call
         # Per (device, latent shape of one model call): each block's compute seconds, measured in the first
         # step after the first load. A later load (after ComfyUI unloaded the model) plans with them at once
         # instead of timing a step and packing and pinning everything a second time.
@@ -223,11 +228,13 @@ class BlockStreamingSession:
                measured_activation_bytes=None) -> None:
         estimate = activation_bytes(patcher.model, x_shape)
         act = planned_activation_bytes(estimate, measured_activation_bytes)
+        batching = batching_activation_bytes(estimate) if self.cfg_doubles else None
         config = OffloadConfig(budget_bytes=self.auto_budget(device, x_shape),
                                chunk_size=self.settings.chunk_size, prefetch=self.settings.prefetch,
                                pin_memory=self.settings.pin_memory,
                                margin_bytes=planned_margin_bytes(measured_activation_bytes))
         self.config, self.activation_bytes, self.estimated_activation_bytes = config, act, estimate
+        self.batching_room = batching
         patches = self.block_patches(patcher.patches)
         resident = resident_patches(patches)
         if adopt_hosts is None:   # what the last streamer of these blocks left when the model was unloaded
@@ -235,7 +242,7 @@ class BlockStreamingSession:
         t0 = time.perf_counter()
         self.streamer = offload_blocks(self.blocks, config, device, activation_bytes=act,
                                        seconds_per_block=seconds_per_block, resident_values=resident or None,
-                                       adopt_hosts=adopt_hosts)
+                                       adopt_hosts=adopt_hosts, preferred_activation_bytes=batching)
         self.apply_streamed_patches(patches)
         request = self.compile_request(patcher)
         if request is not None:
@@ -336,6 +343,7 @@ class BlockStreamingSession:
         # node): its patches and compile request are the ones to apply. ComfyUI sets BaseModel.current_patcher
         # before sampling.
         running = getattr(executor.class_obj, "current_patcher", None) or self.patcher
+        self.calls.add(x.shape[0])
         compiled = self.compile_request(running) is not None
         shape_key = (str(x.device), tuple(x.shape), compiled)
         if self.streamer is None:
@@ -400,7 +408,8 @@ class BlockStreamingSession:
         act = planned_activation_bytes(self.estimated_activation_bytes, measured_activation_bytes)
         config = replace(self.config, margin_bytes=planned_margin_bytes(measured_activation_bytes))
         try:
-            new = plan_for(config, self.block_bytes, act, seconds_per_block)
+            new = plan_for(config, self.block_bytes, act, seconds_per_block,
+                           preferred_activation_bytes=self.batching_room)
         except BudgetTooSmall:
             # The step took more than ComfyUI's estimate and no plan fits the budget with it. This sampling
             # already runs (its steps so far fitted), so it goes on with the current plan; the next one is
@@ -423,8 +432,10 @@ class BlockStreamingSession:
     def outer_sample_wrapper(self, executor, *args, **kwargs):
         guider = executor.class_obj  # CFGGuider (or a subclass): its cfg says whether the negative runs
         self.cfg_doubles = uses_cfg(guider, getattr(guider, "conds", {}) or {})
+        noise = args[0] if args else kwargs.get("noise")
+        self.calls = CallCounts(noise.shape[0] if isinstance(noise, torch.Tensor) else None, self.cfg_doubles)
         try:
-            return executor(*args, **kwargs)
+            out = executor(*args, **kwargs)
         except BaseException:
             # A refusal, a cancel or an error (which may stop mid-step with a group in flight): release
             # everything; the next prompt attaches again from a clean state.
@@ -432,6 +443,8 @@ class BlockStreamingSession:
             raise
         finally:
             self.cfg_doubles = False
+        self.calls.report()
+        return out
 
     def prepare_sampling_wrapper(self, executor, patcher, noise_shape, *args, **kwargs):
         """ComfyUI loads the model here, before any step: refuse a budget below the floor now, not at step 1."""
@@ -496,6 +509,16 @@ def planned_activation_bytes(estimated: int, measured: int | None) -> int:
     return estimated if measured is None else int(measured * MEASURED_ACTIVATION_SAFETY)
 
 
+def batching_activation_bytes(estimated: int) -> int:
+    """Room for activations that lets ComfyUI run cond and uncond as one model call: it batches them only
+    while get_free_memory() exceeds COMFY_BATCH_FREE_FACTOR x its estimate for the batch
+    (samplers._calc_cond_batch), and otherwise runs them one after the other, each call with half the work.
+    A plan leaving just the measured activations free (NewBie at 6 GiB: 0.58 GiB measured, 0.67 GiB asked)
+    made ComfyUI split whenever the allocator's cache dipped below that: steps of 0.19-0.25 s between
+    batched ones of 0.12 s (bench/results/workflows_e2e_nvidia-h200_2026-11-22T1050.json to T1110)."""
+    return int(estimated * COMFY_BATCH_FREE_FACTOR)
+
+
 def planned_margin_bytes(measured: int | None) -> int:
     """What a plan keeps out of its budget besides activations: MEASURED_MARGIN_BYTES once the activations were
     measured, else DEFAULT_MARGIN_BYTES (it also covers the allocator's slack that an estimate leaves out)."""
@@ -523,6 +546,42 @@ class StepMemory:
     def __exit__(self, exc_type, *exc):
         if exc_type is None:
             self.activation_bytes = max(0, torch.cuda.memory_reserved(self.device) - self.start)
+
+
+@dataclass
+class CallCounts:
+    """How many model calls of a sampling ran with how many latents: with CFG, ComfyUI batches cond and uncond
+    into one call (2 x the batch) while it finds enough VRAM free, else it runs them one after the other, which
+    costs most of a second call's time; the report says which happened."""
+
+    batch: int | None = None          # latents in the sampled batch (None: not known)
+    cfg_doubles: bool = False
+    by_latents: dict = field(default_factory=dict)   # latents per call -> calls
+
+    def add(self, latents: int) -> None:
+        self.by_latents[int(latents)] = self.by_latents.get(int(latents), 0) + 1
+
+    @property
+    def split(self) -> int:
+        """Calls that ran cond or uncond alone (CFG on, fewer latents than cond + uncond of the batch)."""
+        if not self.cfg_doubles or self.batch is None:
+            return 0
+        return sum(n for latents, n in self.by_latents.items() if latents < 2 * self.batch)
+
+    def report(self) -> None:
+        if not self.by_latents:
+            return
+        total = sum(self.by_latents.values())
+        guard.note({"kind": "model calls", "calls": total, "latents_per_call": dict(sorted(self.by_latents.items())),
+                    "cond_uncond_split_calls": self.split})
+        if self.split:
+            log.warning("LowVRAM Kit ChunkedOffloadUNet: ComfyUI ran cond and uncond as separate model calls in %d "
+                        "of %d calls: it batches them only while %.1fx its activation estimate is free, and the "
+                        "budget left less (a larger vram_budget_gb, or fewer other models on the GPU, gives it room)",
+                        self.split, total, COMFY_BATCH_FREE_FACTOR)
+        else:
+            log.info("LowVRAM Kit ChunkedOffloadUNet: %d model calls, latents per call %s", total,
+                     dict(sorted(self.by_latents.items())))
 
 
 @dataclass

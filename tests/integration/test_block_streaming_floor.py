@@ -312,3 +312,60 @@ def test_a_measurement_no_plan_fits_keeps_the_running_plan(pack, flux, comfy_cle
         out = run(clone, cfg=1.0)
     assert out is not None and "keeping the current plan for this sampling" in caplog.text
     mm.unload_all_models()
+
+
+def test_with_cfg_the_plan_leaves_comfy_room_to_batch_cond_and_uncond(pack, flux, comfy_cleanup, caplog):
+    """ComfyUI runs cond and uncond as one call only while 1.5x its estimate for the pair is free; a plan with
+    room to spare keeps that much free (fewer resident blocks), a tight one keeps the least a call needs, and
+    the counts of model calls say which ComfyUI did."""
+    import logging
+
+    import comfy.model_management as mm
+
+    factor = pack.streaming.COMFY_BATCH_FREE_FACTOR
+    estimate2 = int(flux.model.memory_required([2, 16, SIDE, SIDE]))
+    room = int(estimate2 * factor)
+    block_bytes = pack.offload.block_nbytes(streamed(pack, flux, 0)[1].blocks)
+    with_room = pack.offload.floor(block_bytes, room, margin_bytes=256 * MiB).budget_bytes
+    assert with_room > floor_bytes(pack, streamed(pack, flux, 0)[1], flux, 2)
+
+    clone, session, _ = streamed(pack, flux, with_room)
+    with caplog.at_level(logging.INFO, logger="lowvram"):
+        run(clone, cfg=3.0)
+    assert session.streamer.plan.activation_bytes == room
+    assert session.calls.by_latents == {2: 2} and session.calls.split == 0   # 2 steps, each one call of 2
+    assert "2 model calls, latents per call {2: 2}" in caplog.text
+    mm.unload_all_models()
+
+    run(clone, cfg=1.0)   # no negative: nothing to batch, no room kept
+    assert session.streamer.plan.activation_bytes == int(flux.model.memory_required([1, 16, SIDE, SIDE]))
+    assert session.calls.by_latents == {1: 2} and session.calls.split == 0
+    mm.unload_all_models()
+
+    tight, tight_session, _ = streamed(pack, flux, with_room - 1)   # the room does not fit: the least a call needs
+    run(tight, cfg=3.0)
+    assert tight_session.streamer.plan.activation_bytes == estimate2
+    mm.unload_all_models()
+
+
+def test_calls_that_comfy_split_are_counted_and_reported(pack, flux, comfy_cleanup, monkeypatch, caplog):
+    """Where ComfyUI finds too little free (here: its free-memory reading made small while it batches), it runs
+    cond and uncond one by one; the session counts those calls and says why in a warning."""
+    import logging
+
+    import comfy.model_management as mm
+    import comfy.samplers
+
+    clone, session, _ = streamed(pack, flux, 0)
+    session.settings = pack.streaming.StreamingSettings(1 << 30, 0, 0, False)
+    real = mm.get_free_memory
+
+    def little_free(dev=None, torch_free_too=False):   # attention asks with torch_free_too and gets the truth
+        return real(dev, torch_free_too) if torch_free_too else 1
+
+    monkeypatch.setattr(comfy.samplers.model_management, "get_free_memory", little_free)
+    with caplog.at_level(logging.INFO, logger="lowvram"):
+        run(clone, cfg=3.0)
+    assert session.calls.by_latents == {1: 4} and session.calls.split == 4
+    assert "ComfyUI ran cond and uncond as separate model calls in 4 of 4 calls" in caplog.text
+    mm.unload_all_models()

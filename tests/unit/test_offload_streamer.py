@@ -463,3 +463,25 @@ def test_hosts_kept_unpinned_across_an_unload_are_re_pinned_not_re_packed(monkey
     assert torch.equal(run(blocks, X), expected)
     again.detach()
     assert registered == {}
+
+
+def test_plan_for_keeps_the_preferred_room_for_activations_when_the_budget_allows():
+    from offload import BudgetTooSmall, OffloadConfig, block_nbytes, floor
+    from offload.api import plan_for
+
+    sizes = block_nbytes([torch.nn.Linear(64, 64) for _ in range(6)])
+    least, preferred = 1000, 9000
+    enough = floor(sizes, preferred, margin_bytes=0).budget_bytes
+    assert plan_for(OffloadConfig(budget_bytes=enough, margin_bytes=0), sizes, least,
+                    preferred_activation_bytes=preferred).activation_bytes == preferred
+    # one byte short of the preferred room: the plan keeps the least a call needs
+    short = plan_for(OffloadConfig(budget_bytes=enough - 1, margin_bytes=0), sizes, least,
+                     preferred_activation_bytes=preferred)
+    assert short.activation_bytes == least
+    # a preference below the least changes nothing; below the least's floor the refusal names that floor
+    assert plan_for(OffloadConfig(budget_bytes=enough, margin_bytes=0), sizes, least,
+                    preferred_activation_bytes=10).activation_bytes == least
+    low = floor(sizes, least, margin_bytes=0).budget_bytes
+    with pytest.raises(BudgetTooSmall) as info:
+        plan_for(OffloadConfig(budget_bytes=low - 1, margin_bytes=0), sizes, least, preferred_activation_bytes=preferred)
+    assert info.value.smallest_budget_bytes == low
