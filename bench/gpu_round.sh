@@ -47,6 +47,8 @@
 #   newbie_alloc   issue #7: newbie_bar's cold half with ComfyUI's --disable-cuda-malloc (PyTorch's caching allocator)
 #   newbie_graphs  issue #7: bench.newbie_dit_fidelity with each call also captured in a CUDA graph, with PyTorch's
 #                  caching allocator and with cudaMallocAsync (ComfyUI's default backend)
+#   newbie_compiled issue #7: newbie_24gb unconstrained, newbie_12gb at 6 GiB as shipped and with CompileModelBlocks
+#                  after ChunkedOffloadUNet, on a fresh machine (inductor compiles), then again after a warm-up start
 #   dit6           issue #7: the NewBie DiT alone at 6 GiB (cond and uncond in one batch), fused, then layer by layer
 set -uo pipefail
 cd "$(dirname "$0")/.."
@@ -182,6 +184,11 @@ for round in "$@"; do
                 --graphs ours,ours-precise
             run 300 newbie_bar_warm "${e2e[@]}" --workflows newbie_24gb,newbie_12gb --parts extra,precise \
                 --graphs ours,ours-precise --warm-start --cleanup ;;
+        newbie_compiled)
+            run 260 newbie_compiled_cold "${e2e[@]}" --workflows newbie_24gb,newbie_12gb --parts extra,compiled \
+                --graphs ours,ours-compiled
+            run 300 newbie_compiled_warm "${e2e[@]}" --workflows newbie_24gb,newbie_12gb --parts extra,compiled \
+                --graphs ours,ours-compiled --warm-start --cleanup ;;
         newbie_alloc)
             run 280 newbie_alloc env LOWVRAM_E2E_SERVER_ARGS=--disable-cuda-malloc "${e2e[@]}" \
                 --workflows newbie_24gb,newbie_12gb --parts extra,precise --graphs ours,ours-precise --cleanup ;;

@@ -107,6 +107,9 @@ def plan_jobs(workflows: list[str], parts: set[str]) -> list[Job]:
         if "fast" in parts and w == "newbie_12gb":
             jobs.append(Job(w, "ours-fast", (6.0,), "fast", label="NewBie fp8 pipeline in 6 GiB, Float8DiTLoader "
                             "compute auto_fast_accum"))
+        if "compiled" in parts and w == "newbie_12gb":
+            jobs.append(Job(w, "ours-compiled", (6.0,), "compiled", label="NewBie fp8 pipeline in 6 GiB, "
+                            "CompileModelBlocks after ChunkedOffloadUNet"))
         if "precise" in parts and w == "newbie_12gb":
             jobs.append(Job(w, "ours-precise", (6.0,), "precise", label="NewBie fp8 pipeline in 6 GiB, Float8DiTLoader "
                             "compute auto (no fast accumulation)"))
@@ -248,7 +251,7 @@ def run_job(job: Job, ctx: Context) -> list[dict]:
     server, stacks = None, None
     try:
         budget.set(job.budgets[0])
-        warmup_s = _warm_up(ctx, base, api) if ctx.warm_start and job.part in ("tier", "te_ab", "core", "extra") else None
+        warmup_s = _warm_up(ctx, base, api) if ctx.warm_start and job.part in ("tier", "te_ab", "core", "extra", "compiled") else None
         if ctx.stacks_dir is not None:
             stacks = ctx.stacks_dir / f"stacks_{job.workflow}_{job.graph}_{job.part}.tsv"
             stacks.unlink(missing_ok=True)

@@ -228,7 +228,9 @@ class BlockStreamingSession:
                measured_activation_bytes=None) -> None:
         estimate = activation_bytes(patcher.model, x_shape)
         act = planned_activation_bytes(estimate, measured_activation_bytes)
-        batching = batching_activation_bytes(estimate) if self.cfg_doubles else None
+        # Room for ComfyUI to batch cond and uncond, only where this call carries both: a first call with one of
+        # them (made before any block took device memory) means their conditionings do not concatenate.
+        batching = batching_activation_bytes(estimate) if self.calls.carries_both(x_shape[0]) else None
         config = OffloadConfig(budget_bytes=self.auto_budget(device, x_shape),
                                chunk_size=self.settings.chunk_size, prefetch=self.settings.prefetch,
                                pin_memory=self.settings.pin_memory,
@@ -557,31 +559,45 @@ class CallCounts:
     batch: int | None = None          # latents in the sampled batch (None: not known)
     cfg_doubles: bool = False
     by_latents: dict = field(default_factory=dict)   # latents per call -> calls
+    first_latents: int | None = None  # of the sampling's first call
 
     def add(self, latents: int) -> None:
+        if self.first_latents is None:
+            self.first_latents = int(latents)
         self.by_latents[int(latents)] = self.by_latents.get(int(latents), 0) + 1
+
+    def carries_both(self, latents: int) -> bool:
+        """Whether a call of `latents` runs cond and uncond of the whole batch together."""
+        return self.cfg_doubles and self.batch is not None and latents >= 2 * self.batch
 
     @property
     def split(self) -> int:
         """Calls that ran cond or uncond alone (CFG on, fewer latents than cond + uncond of the batch)."""
         if not self.cfg_doubles or self.batch is None:
             return 0
-        return sum(n for latents, n in self.by_latents.items() if latents < 2 * self.batch)
+        return sum(n for latents, n in self.by_latents.items() if not self.carries_both(latents))
 
     def report(self) -> None:
         if not self.by_latents:
             return
         total = sum(self.by_latents.values())
+        # The first call comes before the blocks hold any device memory: split there, ComfyUI found the two
+        # conditionings not concatenable (e.g. prompts of different token counts), whatever the budget.
+        never = self.split and not self.carries_both(self.first_latents)
         guard.note({"kind": "model calls", "calls": total, "latents_per_call": dict(sorted(self.by_latents.items())),
-                    "cond_uncond_split_calls": self.split})
-        if self.split:
+                    "cond_uncond_split_calls": self.split,
+                    "split_because": "conditionings" if never else "memory" if self.split else None})
+        latents = dict(sorted(self.by_latents.items()))
+        if self.split and not never:
             log.warning("LowVRAM Kit ChunkedOffloadUNet: ComfyUI ran cond and uncond as separate model calls in %d "
                         "of %d calls: it batches them only while %.1fx its activation estimate is free, and the "
                         "budget left less (a larger vram_budget_gb, or fewer other models on the GPU, gives it room)",
                         self.split, total, COMFY_BATCH_FREE_FACTOR)
+        elif never:
+            log.info("LowVRAM Kit ChunkedOffloadUNet: %d model calls, latents per call %s: ComfyUI runs cond and "
+                     "uncond apart, their conditionings having shapes it does not concatenate", total, latents)
         else:
-            log.info("LowVRAM Kit ChunkedOffloadUNet: %d model calls, latents per call %s", total,
-                     dict(sorted(self.by_latents.items())))
+            log.info("LowVRAM Kit ChunkedOffloadUNet: %d model calls, latents per call %s", total, latents)
 
 
 @dataclass

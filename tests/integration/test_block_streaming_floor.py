@@ -57,14 +57,15 @@ def streamed(pack, model, budget_bytes):
     return clone, session, steps
 
 
-def run(model, cfg, steps=2):
+def run(model, cfg, steps=2, negative_tokens=8):
     import comfy.sample
 
     g = torch.Generator().manual_seed(0)
     latent = torch.zeros(1, 16, SIDE, SIDE)
     noise = torch.randn(latent.shape, generator=g)
     pos = [[torch.randn(1, 8, 64, generator=g), {"pooled_output": torch.randn(1, 768, generator=g), "guidance": 3.5}]]
-    neg = [[torch.randn(1, 8, 64, generator=g), {"pooled_output": torch.randn(1, 768, generator=g), "guidance": 3.5}]]
+    neg = [[torch.randn(1, negative_tokens, 64, generator=g),
+            {"pooled_output": torch.randn(1, 768, generator=g), "guidance": 3.5}]]
     with torch.no_grad():
         return comfy.sample.sample(model, noise, steps, cfg, "euler", "simple", pos, neg, latent, seed=0,
                                    disable_pbar=True)
@@ -349,23 +350,34 @@ def test_with_cfg_the_plan_leaves_comfy_room_to_batch_cond_and_uncond(pack, flux
 
 
 def test_calls_that_comfy_split_are_counted_and_reported(pack, flux, comfy_cleanup, monkeypatch, caplog):
-    """Where ComfyUI finds too little free (here: its free-memory reading made small while it batches), it runs
-    cond and uncond one by one; the session counts those calls and says why in a warning."""
+    """Where ComfyUI finds too little free once the blocks are on the device (here: its free-memory reading made
+    small after the first call), it runs cond and uncond one by one; the session counts those calls and warns
+    why. Prompts whose token counts ComfyUI does not concatenate (8 and 40: lcm 40 is 5x the shorter) run apart
+    from the first call on: said without a warning, and the plan keeps no room for a batch that never comes."""
     import logging
 
     import comfy.model_management as mm
     import comfy.samplers
 
-    clone, session, _ = streamed(pack, flux, 0)
-    session.settings = pack.streaming.StreamingSettings(1 << 30, 0, 0, False)
+    clone, session, _ = streamed(pack, flux, 1 << 30)
     real = mm.get_free_memory
 
-    def little_free(dev=None, torch_free_too=False):   # attention asks with torch_free_too and gets the truth
-        return real(dev, torch_free_too) if torch_free_too else 1
+    def little_free_once_attached(dev=None, torch_free_too=False):   # attention asks with torch_free_too
+        return 1 if session.streamer is not None and not torch_free_too else real(dev, torch_free_too)
 
-    monkeypatch.setattr(comfy.samplers.model_management, "get_free_memory", little_free)
+    monkeypatch.setattr(comfy.samplers.model_management, "get_free_memory", little_free_once_attached)
     with caplog.at_level(logging.INFO, logger="lowvram"):
         run(clone, cfg=3.0)
+    assert session.calls.by_latents == {2: 1, 1: 2} and session.calls.split == 2
+    assert "ComfyUI ran cond and uncond as separate model calls in 2 of 3 calls" in caplog.text
+    mm.unload_all_models()
+    monkeypatch.undo()
+
+    caplog.clear()
+    with caplog.at_level(logging.INFO, logger="lowvram"):
+        run(clone, cfg=3.0, negative_tokens=40)
     assert session.calls.by_latents == {1: 4} and session.calls.split == 4
-    assert "ComfyUI ran cond and uncond as separate model calls in 4 of 4 calls" in caplog.text
+    assert "their conditionings having shapes it does not concatenate" in caplog.text
+    assert "WARNING" not in [r.levelname for r in caplog.records if "model calls" in r.getMessage()]
+    assert session.streamer.plan.activation_bytes == int(flux.model.memory_required([1, 16, SIDE, SIDE]))
     mm.unload_all_models()
