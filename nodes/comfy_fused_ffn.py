@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import logging
 import os
+import types
 
 import torch
 
@@ -41,23 +42,24 @@ def _fp8_ready(layer, x: torch.Tensor) -> bool:
             and layer.in_place_for(x))
 
 
-class FusedSwiGLUForward:
-    """The `forward` put on one FeedForward module: fused where it gives the same bits, its own otherwise."""
+def fused_swiglu_forward(module: torch.nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """The `forward` put on each SwiGLU FeedForward, bound to it as a method: fused where it gives the same bits,
+    the module's own forward otherwise.
 
-    def __init__(self, module: torch.nn.Module, names: tuple[str, str, str]):
-        self.module, self.names = module, names
-
-    def __call__(self, x: torch.Tensor) -> torch.Tensor:
-        module = self.module
-        layers = [getattr(module, name) for name in self.names]      # gate, up, down
-        if not torch.compiler.is_compiling() and all(_fp8_ready(layer, x) for layer in layers):
+    One function bound to each module, not an object per module: torch.compile (CompileModelBlocks compiles a
+    block class's forward once for all blocks) guards on the identity of a callable object it meets, so a
+    patch object per module made one graph per block (40 on NewBie, past dynamo's recompile limit, the rest
+    running eager); a bound method of one function shares the graph (tests/integration/test_fused_ffn.py)."""
+    if not torch.compiler.is_compiling():
+        layers = [getattr(module, name) for name in SWIGLU_CLASSES[_class_key(module)]]   # gate, up, down
+        if all(_fp8_ready(layer, x) for layer in layers):
             weights = [Fp8Weights(layer.weight, layer.weight_scale, layer.bias) for layer in layers]
             if fp8_swiglu_takes(x, *weights):
                 CALLS["fused"] += 1
                 # one ops class makes every fp8 layer of a model: the three share its fast_accum
                 return fp8_swiglu(x, *weights, fast_accum=layers[0].fp8_fast_accum)
         CALLS["module"] += 1
-        return type(module).forward(module, x)
+    return type(module).forward(module, x)
 
 
 def add_fused_ffn_patches(patcher) -> int:
@@ -74,7 +76,7 @@ def add_fused_ffn_patches(patcher) -> int:
             continue
         if not all(getattr(getattr(module, n, None), "weight_scale", None) is not None for n in names):
             continue   # a kept (high-precision) layer among them: ComfyUI's path
-        patcher.add_object_patch(f"diffusion_model.{name}.forward", FusedSwiGLUForward(module, names))
+        patcher.add_object_patch(f"diffusion_model.{name}.forward", types.MethodType(fused_swiglu_forward, module))
         count += 1
     if count:
         log.info("LowVRAM Kit: %d SwiGLU feed-forwards run fused where their fp8 layers are in place", count)

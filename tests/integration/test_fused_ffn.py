@@ -43,6 +43,11 @@ def ffn_modules(model) -> list[str]:
     return [name for name, m in model.model.diffusion_model.named_modules() if type(m).__name__ == "FeedForward"]
 
 
+def patched(module, fused) -> bool:
+    forward = module.__dict__.get("forward")
+    return getattr(forward, "__func__", None) is fused.fused_swiglu_forward and forward.__self__ is module
+
+
 def test_every_feed_forward_is_patched_in_and_out_with_the_model(loaded):
     model, fused = loaded
     names = ffn_modules(model)
@@ -51,9 +56,9 @@ def test_every_feed_forward_is_patched_in_and_out_with_the_model(loaded):
         sorted(f"diffusion_model.{n}.forward" for n in names)
     dm = model.model.diffusion_model
     model.patch_model()
-    assert all(isinstance(dm.get_submodule(n).forward, fused.FusedSwiGLUForward) for n in names)
+    assert all(patched(dm.get_submodule(n), fused) for n in names)
     model.unpatch_model()
-    assert not any(isinstance(dm.get_submodule(n).forward, fused.FusedSwiGLUForward) for n in names)
+    assert not any(patched(dm.get_submodule(n), fused) for n in names)
 
 
 def module_input(seed=5) -> torch.Tensor:
@@ -123,3 +128,31 @@ def test_a_model_loaded_with_fast_accumulation_fuses_with_it(loaded, monkeypatch
     start = len(calls)
     m(module_input())
     assert [c["fast_accum"] for c in calls[start:]] == [True] * 3
+
+
+def test_one_compiled_graph_serves_every_patched_feed_forward(loaded):
+    """CompileModelBlocks compiles a block class's forward once for all blocks. The patched forward must not
+    make torch.compile specialize on each module (a guard per patch object recompiled once per block, 40 on
+    NewBie, past dynamo's recompile limit, and the blocks then ran eager with the guards' cost on top)."""
+    import torch._dynamo
+
+    model, fused = loaded
+    model.patch_model()
+    assert all(patched(model.model.diffusion_model.get_submodule(n), fused) for n in ffn_modules(model))
+    graphs = []
+
+    def counting_backend(gm, example_inputs):
+        graphs.append(gm)
+        return gm.forward
+
+    torch._dynamo.reset()
+    run = torch.compile(lambda m, x: m(x), backend=counting_backend)
+    x = module_input().float()   # float32: the module path (no fp8 GEMM stand-in inside the graph)
+    dm = model.model.diffusion_model
+    with torch.no_grad():
+        for name in ("context_refiner.0.feed_forward", "context_refiner.1.feed_forward",
+                     "noise_refiner.0.feed_forward", "layers.0.feed_forward"):
+            m = dm.get_submodule(name)
+            assert run(m, x).shape == x.shape, name
+    torch._dynamo.reset()
+    assert len(graphs) == 1, f"{len(graphs)} graphs for 4 feed-forwards of one class and shape"
