@@ -49,6 +49,7 @@
 #                  caching allocator and with cudaMallocAsync (ComfyUI's default backend)
 #   newbie_compiled issue #7: newbie_24gb unconstrained, newbie_12gb at 6 GiB as shipped and with CompileModelBlocks
 #                  after ChunkedOffloadUNet, on a fresh machine (inductor compiles), then again after a warm-up start
+#   newbie_guard   issue #7: newbie_12gb at 6 GiB with and without VRAMGuard (its memory monitor thread), twice
 #   dit6           issue #7: the NewBie DiT alone at 6 GiB (cond and uncond in one batch), fused, then layer by layer
 set -uo pipefail
 cd "$(dirname "$0")/.."
@@ -189,6 +190,11 @@ for round in "$@"; do
                 --graphs ours,ours-compiled
             run 300 newbie_compiled_warm "${e2e[@]}" --workflows newbie_24gb,newbie_12gb --parts extra,compiled \
                 --graphs ours,ours-compiled --warm-start --cleanup ;;
+        newbie_guard)
+            run 170 newbie_guard_a "${e2e[@]}" --workflows newbie_12gb --parts extra,noguard --graphs ours,ours-noguard
+            run 170 newbie_guard_b "${e2e[@]}" --workflows newbie_12gb --parts extra,noguard --graphs ours,ours-noguard
+            run 230 newbie_guard_ref "${e2e[@]}" --workflows newbie_24gb,newbie_12gb --parts extra,noguard \
+                --graphs ours,ours-noguard --cleanup ;;
         newbie_alloc)
             run 280 newbie_alloc env LOWVRAM_E2E_SERVER_ARGS=--disable-cuda-malloc "${e2e[@]}" \
                 --workflows newbie_24gb,newbie_12gb --parts extra,precise --graphs ours,ours-precise --cleanup ;;

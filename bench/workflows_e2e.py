@@ -107,6 +107,9 @@ def plan_jobs(workflows: list[str], parts: set[str]) -> list[Job]:
         if "fast" in parts and w == "newbie_12gb":
             jobs.append(Job(w, "ours-fast", (6.0,), "fast", label="NewBie fp8 pipeline in 6 GiB, Float8DiTLoader "
                             "compute auto_fast_accum"))
+        if "noguard" in parts and w == "newbie_12gb":   # A/B: VRAMGuard's 10 ms memory monitor thread off
+            jobs.append(Job(w, "ours-noguard", (6.0,), "noguard", label="NewBie fp8 pipeline in 6 GiB without "
+                            "VRAMGuard"))
         if "compiled" in parts and w == "newbie_12gb":
             jobs.append(Job(w, "ours-compiled", (6.0,), "compiled", label="NewBie fp8 pipeline in 6 GiB, "
                             "CompileModelBlocks after ChunkedOffloadUNet"))
@@ -141,6 +144,8 @@ def graph_for(job: Job, ctx: Context) -> dict:
                 node["inputs"]["weight_format"] = "nf4"
     if "plainte" in variants:   # the text encoders as ComfyUI loads them (A/B for ChunkedOffloadTextEncoder)
         api = bypass(api, {"ChunkedOffloadTextEncoder": "clip"})
+    if "noguard" in variants:   # the graph without VRAMGuard (its monitor thread samples NVML every 10 ms)
+        api = bypass(api, {"VRAMGuard": "model"})
     if "compiled" in variants:
         insert_after(api, "ChunkedOffloadUNet", "CompileModelBlocks", {"mode": "default"})
     for variant, compute in (("fast", "auto_fast_accum"), ("precise", "auto")):   # the fp8 GEMMs' accumulation
@@ -251,7 +256,7 @@ def run_job(job: Job, ctx: Context) -> list[dict]:
     server, stacks = None, None
     try:
         budget.set(job.budgets[0])
-        warmup_s = _warm_up(ctx, base, api) if ctx.warm_start and job.part in ("tier", "te_ab", "core", "extra", "compiled") else None
+        warmup_s = _warm_up(ctx, base, api) if ctx.warm_start and job.part in ("tier", "te_ab", "core", "extra", "compiled", "noguard") else None
         if ctx.stacks_dir is not None:
             stacks = ctx.stacks_dir / f"stacks_{job.workflow}_{job.graph}_{job.part}.tsv"
             stacks.unlink(missing_ok=True)
