@@ -50,6 +50,8 @@
 #   newbie_compiled issue #7: newbie_24gb unconstrained, newbie_12gb at 6 GiB as shipped and with CompileModelBlocks
 #                  after ChunkedOffloadUNet, on a fresh machine (inductor compiles), then again after a warm-up start
 #   newbie_guard   issue #7: newbie_12gb at 6 GiB with and without VRAMGuard (its memory monitor thread), twice
+#   newbie_sampler issue #7: VRAMGuard's sampler process against its old thread (LOWVRAM_VRAMGUARD_SAMPLER=thread),
+#                  newbie_12gb at 6 GiB, with newbie_24gb unconstrained and the graph without VRAMGuard beside them
 #   dit6           issue #7: the NewBie DiT alone at 6 GiB (cond and uncond in one batch), fused, then layer by layer
 set -uo pipefail
 cd "$(dirname "$0")/.."
@@ -195,6 +197,14 @@ for round in "$@"; do
             run 170 newbie_guard_b "${e2e[@]}" --workflows newbie_12gb --parts extra,noguard --graphs ours,ours-noguard
             run 230 newbie_guard_ref "${e2e[@]}" --workflows newbie_24gb,newbie_12gb --parts extra,noguard \
                 --graphs ours,ours-noguard --cleanup ;;
+        newbie_sampler)
+            run 200 newbie_sampler_process "${e2e[@]}" --workflows newbie_24gb,newbie_12gb --parts extra,noguard \
+                --graphs ours,ours-noguard
+            run 120 newbie_sampler_thread env LOWVRAM_VRAMGUARD_SAMPLER=thread "${e2e[@]}" --workflows newbie_12gb \
+                --parts extra --graphs ours
+            run 120 newbie_sampler_process_b "${e2e[@]}" --workflows newbie_12gb --parts extra --graphs ours
+            run 120 newbie_sampler_thread_b env LOWVRAM_VRAMGUARD_SAMPLER=thread "${e2e[@]}" --workflows newbie_12gb \
+                --parts extra --graphs ours --cleanup ;;
         newbie_alloc)
             run 280 newbie_alloc env LOWVRAM_E2E_SERVER_ARGS=--disable-cuda-malloc "${e2e[@]}" \
                 --workflows newbie_24gb,newbie_12gb --parts extra,precise --graphs ours,ours-precise --cleanup ;;

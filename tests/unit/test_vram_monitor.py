@@ -177,3 +177,50 @@ def test_registry_forwards_stages_and_requests_to_the_active_run():
     finally:
         REG.deactivate(run)
     assert seen == [("begin", "decoding"), ("end", "decoding")] and REG.active() is None
+
+
+def test_readings_come_from_a_sampler_process_that_sees_this_process_grow(tmp_path, monkeypatch):
+    """The host reader's samples are taken by _memory_sampler_child.py (rss:<our pid>), no thread of ours
+    samples, the stage that allocated shows the growth, and the process and its file are gone after stop()."""
+    monkeypatch.delenv(M.SAMPLER_ENV, raising=False)
+    monkeypatch.setattr(M.tempfile, "tempdir", str(tmp_path))
+    host = M.MemoryReader.host()
+    assert host.process_source == f"rss:{__import__('os').getpid()}"
+    mon = M.Monitor(host, interval_s=0.005).start()
+    child = mon._child
+    assert child is not None and mon._thread is None and mon.sampled_by == "a sampler process"
+    time.sleep(0.3)   # the child's interpreter starts
+    with mon.stage("allocating"):
+        block = bytearray(256 << 20)          # zero-filled: every page touched
+        time.sleep(0.3)
+        del block
+    time.sleep(0.1)
+    res = mon.stop()
+    grew = res.stages[0].peak_bytes - res.baseline_bytes
+    assert grew >= 200 << 20, grew
+    assert len(res.used_bytes) > 50 and list(res.times_s) == sorted(res.times_s)
+    assert child.proc.poll() == 0 and list(tmp_path.iterdir()) == []
+
+
+def test_a_sampler_process_that_cannot_read_hands_over_to_a_thread(monkeypatch):
+    monkeypatch.delenv(M.SAMPLER_ENV, raising=False)
+    ramp = Ramp()
+    fake = M.MemoryReader("fake", ramp.used, lambda: 10 * GiB, 16 * GiB, process_source="nvml:not-a-gpu")
+    mon = M.Monitor(fake, interval_s=0.002).start()
+    deadline = time.monotonic() + 30
+    while mon.sampled_by != "a thread" and time.monotonic() < deadline:
+        time.sleep(0.02)
+    assert mon.sampled_by == "a thread"
+    with mon.stage("sampling"):
+        ramp.level = 700
+        time.sleep(0.05)
+    res = mon.stop()
+    assert res.stages[0].peak_bytes == 700
+
+
+def test_the_thread_sampler_on_request(monkeypatch):
+    monkeypatch.setenv(M.SAMPLER_ENV, "thread")
+    mon = M.Monitor(M.MemoryReader.host(), interval_s=0.005).start()
+    assert mon._child is None and mon.sampled_by == "a thread"
+    time.sleep(0.05)
+    assert len(mon.stop().used_bytes) > 3
