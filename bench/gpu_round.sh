@@ -52,6 +52,7 @@
 #   newbie_guard   issue #7: newbie_12gb at 6 GiB with and without VRAMGuard (its memory monitor thread), twice
 #   newbie_sampler issue #7: VRAMGuard's sampler process against its old thread (LOWVRAM_VRAMGUARD_SAMPLER=thread),
 #                  newbie_12gb at 6 GiB, with newbie_24gb unconstrained and the graph without VRAMGuard beside them
+#   newbie_sampler_ab issue #7: newbie_12gb at 6 GiB, VRAMGuard's sampler process and thread alternating, 3 each
 #   dit6           issue #7: the NewBie DiT alone at 6 GiB (cond and uncond in one batch), fused, then layer by layer
 set -uo pipefail
 cd "$(dirname "$0")/.."
@@ -205,6 +206,12 @@ for round in "$@"; do
             run 120 newbie_sampler_process_b "${e2e[@]}" --workflows newbie_12gb --parts extra --graphs ours
             run 120 newbie_sampler_thread_b env LOWVRAM_VRAMGUARD_SAMPLER=thread "${e2e[@]}" --workflows newbie_12gb \
                 --parts extra --graphs ours --cleanup ;;
+        newbie_sampler_ab)
+            for i in 1 2 3; do
+                run 110 "newbie_ab_process_$i" "${e2e[@]}" --workflows newbie_12gb --parts extra --graphs ours
+                run 110 "newbie_ab_thread_$i" env LOWVRAM_VRAMGUARD_SAMPLER=thread "${e2e[@]}" \
+                    --workflows newbie_12gb --parts extra --graphs ours
+            done ;;
         newbie_alloc)
             run 280 newbie_alloc env LOWVRAM_E2E_SERVER_ARGS=--disable-cuda-malloc "${e2e[@]}" \
                 --workflows newbie_24gb,newbie_12gb --parts extra,precise --graphs ours,ours-precise --cleanup ;;

@@ -452,6 +452,10 @@ def main(argv: list[str] | None = None) -> int:
         device = _device_name()
         stamp = time.strftime("%Y-%m-%dT%H%M")
         out = out_dir / f"workflows_e2e_{'smoke' if a.smoke else device}_{stamp}.json"
+        for suffix in "bcdefgh":   # two runs within a minute (a round's A/B halves) must not overwrite each other
+            if not out.exists():
+                break
+            out = out.with_name(f"workflows_e2e_{'smoke' if a.smoke else device}_{stamp}{suffix}.json")
         result = {"benchmark": "workflows_e2e", "smoke": a.smoke, "started": utc_now(),
                   "environment": host_environment(None), "device": device,
                   "command": "python -m bench.workflows_e2e " + " ".join(argv if argv is not None else sys.argv[1:]),
