@@ -50,9 +50,10 @@
 #   newbie_compiled issue #7: newbie_24gb unconstrained, newbie_12gb at 6 GiB as shipped and with CompileModelBlocks
 #                  after ChunkedOffloadUNet, on a fresh machine (inductor compiles), then again after a warm-up start
 #   newbie_guard   issue #7: newbie_12gb at 6 GiB with and without VRAMGuard (its memory monitor thread), twice
-#   newbie_sampler issue #7: VRAMGuard's sampler process against its old thread (LOWVRAM_VRAMGUARD_SAMPLER=thread),
-#                  newbie_12gb at 6 GiB, with newbie_24gb unconstrained and the graph without VRAMGuard beside them
-#   newbie_sampler_ab issue #7: newbie_12gb at 6 GiB, VRAMGuard's sampler process and thread alternating, 3 each
+#   newbie_sampler issue #7, at f524542/ba0470e only: VRAMGuard's memory sampler in a process of its own against
+#                  its thread (LOWVRAM_VRAMGUARD_SAMPLER=thread), newbie_12gb at 6 GiB, newbie_24gb and the graph
+#                  without VRAMGuard beside them; newbie_sampler_ab: process and thread alternating, 3 each. The
+#                  process was no faster (T1433-T1438) and was taken out; on later commits both halves run the thread
 #   dit6           issue #7: the NewBie DiT alone at 6 GiB (cond and uncond in one batch), fused, then layer by layer
 set -uo pipefail
 cd "$(dirname "$0")/.."

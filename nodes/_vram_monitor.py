@@ -1,9 +1,5 @@
-"""VRAMGuard's memory monitor: samples the device every 10 ms (or finer) during a prompt, with named stages
-(text encoding, sampling, decoding) whose peak and duration the report shows.
-
-The readings are taken in a process of its own (_memory_sampler_child.py: NVML, or host RSS on the CPU), not in
-a thread of the server: a thread waking every 10 ms takes the GIL from a host-bound sampling loop, which lost up
-to half its speed to it (see that file). Readers only this process can read (PyTorch's counters) use a thread.
+"""VRAMGuard's memory monitor: a thread that samples the device every 10 ms (or finer) during a prompt,
+with named stages (text encoding, sampling, decoding) whose peak and duration the report shows.
 
 Readers, best first (`MemoryReader.open`):
 - NVML "used" of the GPU the model runs on: counts every process, the CUDA context, cuBLAS workspaces;
@@ -20,10 +16,6 @@ from __future__ import annotations
 
 import logging
 import os
-import struct
-import subprocess
-import sys
-import tempfile
 import threading
 import time
 from array import array
@@ -32,11 +24,6 @@ from dataclasses import dataclass
 
 log = logging.getLogger("lowvram")
 MAX_INTERVAL_S = 0.01
-# Where the readings are taken: "process" (default: _memory_sampler_child.py, no GIL shared with the server)
-# or "thread" (in this process, as before; the benchmarks' A/B). Readers a process cannot share use a thread.
-SAMPLER_ENV = "LOWVRAM_VRAMGUARD_SAMPLER"
-CHILD_SCRIPT = os.path.join(os.path.dirname(os.path.abspath(__file__)), "_memory_sampler_child.py")
-SAMPLE_RECORD = struct.Struct("dq")   # the child's records: (time.monotonic(), bytes)
 MAX_SAMPLES = 1_000_000     # 10 ms for 2.7 hours; beyond, every second sample is dropped (peaks kept)
 _PAGE = os.sysconf("SC_PAGE_SIZE") if hasattr(os, "sysconf") else 4096
 
@@ -62,12 +49,9 @@ def host_rss_bytes() -> int:
 class MemoryReader:
     """used() -> bytes in use; free() -> bytes free for this process; total; source; note."""
 
-    def __init__(self, source: str, used, free, total: int, note: str = "", close=None,
-                 process_source: str | None = None):
+    def __init__(self, source: str, used, free, total: int, note: str = "", close=None):
         self.source, self.used, self.free, self.total, self.note = source, used, free, total, note
         self._close = close
-        # What a sampler process can read the same memory from ("nvml:<index>", "rss:<pid>"; None: only we can)
-        self.process_source = process_source
 
     def close(self) -> None:
         if self._close is not None:
@@ -86,8 +70,7 @@ class MemoryReader:
         import psutil
         total = psutil.virtual_memory().total
         return MemoryReader("host RAM", host_rss_bytes, lambda: psutil.virtual_memory().available, total,
-                            "no GPU: host RAM of this process (RSS) is reported",
-                            process_source=f"rss:{os.getpid()}" if os.path.exists("/proc/self/statm") else None)
+                            "no GPU: host RAM of this process (RSS) is reported")
 
     @staticmethod
     def nvml(device):
@@ -106,7 +89,7 @@ class MemoryReader:
         def info():
             return pynvml.nvmlDeviceGetMemoryInfo(handle)
         return MemoryReader(f"nvml (GPU {nvml_index(device)})", lambda: info().used, lambda: info().free, total,
-                            close=pynvml.nvmlShutdown, process_source=f"nvml:{nvml_index(device)}")
+                            close=pynvml.nvmlShutdown)
 
     @staticmethod
     def torch_counters(device, why: str) -> "MemoryReader":
@@ -116,54 +99,6 @@ class MemoryReader:
                             lambda: torch.cuda.mem_get_info(device)[0], total,
                             f"{why}: using PyTorch's counters, which see only this process's tensors "
                             "(not the CUDA context, cuBLAS workspaces or other processes)")
-
-
-class SamplerProcess:
-    """The readings taken by _memory_sampler_child.py in a process of its own (see there for why): started with
-    the monitor, stopped by closing its stdin, its records read back from a temporary file."""
-
-    def __init__(self, proc: subprocess.Popen, path: str):
-        self.proc, self.path = proc, path
-
-    @classmethod
-    def start(cls, source: str, interval_s: float, on_failure) -> "SamplerProcess | None":
-        """A running sampler, or None where no process can be started. `on_failure(why)` is called from a
-        helper thread if the process starts but cannot read (it says so on stderr and exits)."""
-        fd, path = tempfile.mkstemp(prefix="lowvram_vram_samples_", suffix=".bin")
-        os.close(fd)
-        try:
-            proc = subprocess.Popen([sys.executable, CHILD_SCRIPT, source, repr(interval_s), path],
-                                    stdin=subprocess.PIPE, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
-        except OSError as e:
-            log.warning("LowVRAM Kit VRAMGuard: cannot start the memory sampler process (%s); sampling in a thread",
-                        e)
-            os.unlink(path)
-            return None
-        sampler = cls(proc, path)
-
-        def watch_start():   # blocks in a read (no GIL held) until the child is ready or has failed
-            line = proc.stderr.readline().decode(errors="replace").strip()
-            if line != "ready":
-                on_failure(line or f"exit status {proc.wait()}")
-
-        threading.Thread(target=watch_start, name="VRAMGuardSamplerStart", daemon=True).start()
-        return sampler
-
-    def stop(self) -> list[tuple[float, int]]:
-        """Stop the process; its readings as (time.monotonic(), bytes), in order."""
-        try:
-            self.proc.stdin.close()
-            self.proc.wait(timeout=5)
-        except (OSError, subprocess.TimeoutExpired):
-            self.proc.kill()
-            self.proc.wait(timeout=5)
-        try:
-            with open(self.path, "rb") as f:
-                data = f.read()
-        finally:
-            os.unlink(self.path)
-        size = SAMPLE_RECORD.size
-        return [SAMPLE_RECORD.unpack_from(data, i) for i in range(0, len(data) - size + 1, size)]
 
 
 @dataclass(frozen=True)
@@ -212,40 +147,21 @@ class Monitor:
         self._t0 = 0.0
         self._baseline = 0
         self._errors = 0
-        self._child: SamplerProcess | None = None
-        self.sampled_by = ""     # "a sampler process" or "a thread", once started
         self.result: MonitorResult | None = None
 
     @property
     def running(self) -> bool:
-        return self._thread is not None or self._child is not None
+        return self._thread is not None
 
     def start(self) -> "Monitor":
         if self._thread is not None or self.result is not None:
             raise RuntimeError("Monitor.start(): a monitor runs once; make a new one")
-        self._t0 = time.monotonic()
+        self._t0 = time.perf_counter()
         self._baseline = self._read() or 0
         self._record(self._baseline)
-        source = self.reader.process_source if os.environ.get(SAMPLER_ENV, "process") != "thread" else None
-        if source is not None:
-            self._child = SamplerProcess.start(source, self.interval_s, on_failure=self._fall_back_to_thread)
-            self.sampled_by = "a sampler process"
-        if self._child is None:
-            self._start_thread()
-        return self
-
-    def _start_thread(self) -> None:
-        self.sampled_by = "a thread"
         self._thread = threading.Thread(target=self._run, name="VRAMGuardMonitor", daemon=True)
         self._thread.start()
-
-    def _fall_back_to_thread(self, why: str) -> None:
-        """The sampler process could not read (no NVML there, ...): sample here instead, as before."""
-        log.warning("LowVRAM Kit VRAMGuard: the memory sampler process failed (%s); sampling in a thread", why)
-        with self._lock:
-            if self._stop.is_set() or self._thread is not None:
-                return
-            self._start_thread()
+        return self
 
     def _read(self) -> int | None:
         try:
@@ -257,9 +173,9 @@ class Monitor:
                             type(e).__name__, e)
             return None
 
-    def _record(self, used: int, at_s: float | None = None) -> None:
+    def _record(self, used: int) -> None:
         with self._lock:
-            self._times.append(time.monotonic() - self._t0 if at_s is None else at_s)
+            self._times.append(time.perf_counter() - self._t0)
             self._used.append(used)
             if len(self._used) >= MAX_SAMPLES:
                 self._decimate()
@@ -278,14 +194,14 @@ class Monitor:
 
     def mark(self, name: str) -> None:
         """Start stage `name` now, ending the one in progress."""
-        now = time.monotonic() - self._t0
+        now = time.perf_counter() - self._t0
         with self._lock:
             if self._stages and self._stages[-1][2] is None:
                 self._stages[-1][2] = now
             self._stages.append([name, now, None])
 
     def end_stage(self) -> None:
-        now = time.monotonic() - self._t0
+        now = time.perf_counter() - self._t0
         with self._lock:
             if self._stages and self._stages[-1][2] is None:
                 self._stages[-1][2] = now
@@ -301,25 +217,18 @@ class Monitor:
     def stop(self) -> MonitorResult:
         if self.result is not None:
             return self.result
-        if not self.running:
+        if self._thread is None:
             raise RuntimeError("Monitor.stop() before start()")
-        with self._lock:
-            self._stop.set()
-            thread, self._thread = self._thread, None
-        if thread is not None:
-            thread.join(timeout=2)
-        if self._child is not None:
-            child, self._child = self._child, None
-            for t, used in child.stop():
-                self._record(used, t - self._t0)
+        self._stop.set()
+        self._thread.join(timeout=2)
+        self._thread = None
         last = self._read()
         if last is not None:
             self._record(last)
         self.end_stage()
         self.reader.close()
         with self._lock:
-            order = sorted(range(len(self._times)), key=self._times.__getitem__)   # the sampler's readings merged
-            times, used = tuple(self._times[i] for i in order), tuple(self._used[i] for i in order)
+            times, used = tuple(self._times), tuple(self._used)
             stages = tuple(StageResult(n, a, b, _peak_in(times, used, a, b)) for n, a, b in self._stages)
         self.result = MonitorResult(self.reader.source, self.reader.note, self.interval_s, self._baseline,
                                     max(used), used[-1], times[-1], times, used, stages, self._errors)
