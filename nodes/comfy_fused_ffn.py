@@ -48,8 +48,10 @@ def fused_swiglu_forward(module: torch.nn.Module, x: torch.Tensor) -> torch.Tens
 
     One function bound to each module, not an object per module: torch.compile (CompileModelBlocks compiles a
     block class's forward once for all blocks) guards on the identity of a callable object it meets, so a
-    patch object per module made one graph per block (40 on NewBie, past dynamo's recompile limit, the rest
-    running eager); a bound method of one function shares the graph (tests/integration/test_fused_ffn.py)."""
+    patch object per module made one graph per block (40 on NewBie, past dynamo's recompile limit of 8, beyond
+    which it runs the frame eager): the compiled fp8 pipeline stepped no faster than eager (bench/results/
+    workflows_e2e_nvidia-h200_2026-11-22T1404.json, T1406). A bound method of one function shares the graph
+    (tests/integration/test_fused_ffn.py) and the compiled step got 0.696-0.853x resident bf16 (T1413, T1416)."""
     if not torch.compiler.is_compiling():
         layers = [getattr(module, name) for name in SWIGLU_CLASSES[_class_key(module)]]   # gate, up, down
         if all(_fp8_ready(layer, x) for layer in layers):
