@@ -125,6 +125,9 @@ for round in "$@"; do
                 --stack-samples /tmp/stacks --cleanup
             run 200 newbie_profile "${e2e[@]}" --workflows newbie_12gb --parts extra --graphs ours --stack-samples \
                 /tmp/stacks --cleanup ;;
+        newbie_compile_profile)   # issue #7: where the compiled 6 GiB NewBie first prompt's time goes with warm caches
+            run 300 newbie_compile_profile "${e2e[@]}" --workflows newbie_12gb --parts compiled --graphs ours-compiled \
+                --warm-start --stack-samples /tmp/stacks --cleanup ;;
         te_stream_flux)   # issue #8: flux_dev_8gb with and without ChunkedOffloadTextEncoder (A/B, call trees), and
                           # the official graph fp8 unconstrained (the bar) in the same run
             run 330 flux8_te_ab "${e2e[@]}" --workflows flux_dev_8gb --parts tier,te_ab --graphs ours,ours-plainte \
