@@ -581,19 +581,19 @@ class CallCounts:
     def report(self) -> None:
         if not self.by_latents:
             return
-        total = sum(self.by_latents.values())
+        total, split = sum(self.by_latents.values()), self.split
+        latents = dict(sorted(self.by_latents.items()))
         # The first call comes before the blocks hold any device memory: split there, ComfyUI found the two
         # conditionings not concatenable (e.g. prompts of different token counts), whatever the budget.
-        never = self.split and not self.carries_both(self.first_latents)
-        guard.note({"kind": "model calls", "calls": total, "latents_per_call": dict(sorted(self.by_latents.items())),
-                    "cond_uncond_split_calls": self.split,
-                    "split_because": "conditionings" if never else "memory" if self.split else None})
-        latents = dict(sorted(self.by_latents.items()))
-        if self.split and not never:
+        never = split and not self.carries_both(self.first_latents)
+        guard.note({"kind": "model calls", "calls": total, "latents_per_call": latents,
+                    "cond_uncond_split_calls": split,
+                    "split_because": "conditionings" if never else "memory" if split else None})
+        if split and not never:
             log.warning("LowVRAM Kit ChunkedOffloadUNet: ComfyUI ran cond and uncond as separate model calls in %d "
                         "of %d calls: it batches them only while %.1fx its activation estimate is free, and the "
                         "budget left less (a larger vram_budget_gb, or fewer other models on the GPU, gives it room)",
-                        self.split, total, COMFY_BATCH_FREE_FACTOR)
+                        split, total, COMFY_BATCH_FREE_FACTOR)
         elif never:
             log.info("LowVRAM Kit ChunkedOffloadUNet: %d model calls, latents per call %s: ComfyUI runs cond and "
                      "uncond apart, their conditionings having shapes it does not concatenate", total, latents)

@@ -14,6 +14,7 @@ a layer ComfyUI left on the CPU, runs the module's own forward.
 """
 from __future__ import annotations
 
+import functools
 import logging
 import os
 import types
@@ -32,8 +33,11 @@ CALLS = {"fused": 0, "module": 0}
 DISABLE_ENV = "LOWVRAM_FUSED_FFN"
 
 
-def _class_key(module: torch.nn.Module) -> str:
-    return f"{type(module).__module__}.{type(module).__qualname__}"
+@functools.cache
+def swiglu_names(cls: type) -> tuple[str, str, str] | None:
+    """A SwiGLU feed-forward class's (gate, up, down) Linear names; None for any other class. Cached per class:
+    the patched forward asks on every call (40 per NewBie model call)."""
+    return SWIGLU_CLASSES.get(f"{cls.__module__}.{cls.__qualname__}")
 
 
 def _fp8_ready(layer, x: torch.Tensor) -> bool:
@@ -53,7 +57,7 @@ def fused_swiglu_forward(module: torch.nn.Module, x: torch.Tensor) -> torch.Tens
     workflows_e2e_nvidia-h200_2026-11-22T1404.json, T1406). A bound method of one function shares the graph
     (tests/integration/test_fused_ffn.py) and the compiled step got 0.696-0.853x resident bf16 (T1413, T1416)."""
     if not torch.compiler.is_compiling():
-        layers = [getattr(module, name) for name in SWIGLU_CLASSES[_class_key(module)]]   # gate, up, down
+        layers = [getattr(module, name) for name in swiglu_names(type(module))]   # gate, up, down
         if all(_fp8_ready(layer, x) for layer in layers):
             weights = [Fp8Weights(layer.weight, layer.weight_scale, layer.bias) for layer in layers]
             if fp8_swiglu_takes(x, *weights):
@@ -73,7 +77,7 @@ def add_fused_ffn_patches(patcher) -> int:
     dm = patcher.model.diffusion_model
     count = 0
     for name, module in dm.named_modules():
-        names = SWIGLU_CLASSES.get(_class_key(module))
+        names = swiglu_names(type(module))
         if names is None:
             continue
         if not all(getattr(getattr(module, n, None), "weight_scale", None) is not None for n in names):

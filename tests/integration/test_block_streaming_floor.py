@@ -326,9 +326,9 @@ def test_with_cfg_the_plan_leaves_comfy_room_to_batch_cond_and_uncond(pack, flux
     factor = pack.streaming.COMFY_BATCH_FREE_FACTOR
     estimate2 = int(flux.model.memory_required([2, 16, SIDE, SIDE]))
     room = int(estimate2 * factor)
-    block_bytes = pack.offload.block_nbytes(streamed(pack, flux, 0)[1].blocks)
-    with_room = pack.offload.floor(block_bytes, room, margin_bytes=256 * MiB).budget_bytes
-    assert with_room > floor_bytes(pack, streamed(pack, flux, 0)[1], flux, 2)
+    probe = streamed(pack, flux, 0)[1]   # a session only for its blocks
+    with_room = pack.offload.floor(pack.offload.block_nbytes(probe.blocks), room, margin_bytes=256 * MiB).budget_bytes
+    assert with_room > floor_bytes(pack, probe, flux, 2)
 
     clone, session, _ = streamed(pack, flux, with_room)
     with caplog.at_level(logging.INFO, logger="lowvram"):
