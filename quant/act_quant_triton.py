@@ -14,6 +14,7 @@ import triton
 import triton.language as tl
 
 from .matmul import quantize_activation
+from .triton_launch import launch
 
 # Globals a Triton kernel reads must be constexpr objects.
 _E4M3_MAX = tl.constexpr(448.0)
@@ -75,5 +76,5 @@ def launch_per_token(x2d: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     m, k = x2d.shape
     a = torch.empty((m, k), dtype=torch.float8_e4m3fn, device=x2d.device)
     scale = torch.empty((m, 1), dtype=torch.float32, device=x2d.device)
-    _per_token_e4m3_kernel[(m,)](x2d, a, scale, k, x2d.stride(0), BLOCK_K=BLOCK_K, num_warps=NUM_WARPS)
+    launch(_per_token_e4m3_kernel, (m,), x2d, a, scale, k, x2d.stride(0), BLOCK_K=BLOCK_K, num_warps=NUM_WARPS)
     return a, scale

@@ -27,6 +27,7 @@ import triton
 import triton.language as tl
 
 from .matmul import dequantize_weight_eager  # matmul imports this module only when first asked, after it loaded
+from .triton_launch import launch
 
 # fp8 dtype -> (is e4m3, factor the fp16 reading of the bits is short by). NaN/inf codes are not decoded
 # specially: the loader refuses non-finite weights, so they never reach this kernel.
@@ -91,6 +92,6 @@ def launch_dequant(w_fp8: torch.Tensor, w_scale: torch.Tensor, dtype: torch.dtyp
     out = torch.empty(w.shape, dtype=dtype, device=w.device)
     n, k = w.shape
     grid = (triton.cdiv(n, tile.rows), triton.cdiv(k, tile.block_k))
-    _dequant_kernel[grid](w.view(torch.uint8), scale, out, n, k, SCALE_PER_ROW=scale.numel() > 1, E4M3=e4m3,
-                          FACTOR=factor, ROWS=tile.rows, BLOCK_K=tile.block_k, num_warps=tile.warps)
+    launch(_dequant_kernel, grid, w.view(torch.uint8), scale, out, n, k, SCALE_PER_ROW=scale.numel() > 1, E4M3=e4m3,
+           FACTOR=factor, ROWS=tile.rows, BLOCK_K=tile.block_k, num_warps=tile.warps)
     return out

@@ -27,6 +27,7 @@ import triton.language as tl
 from triton.language.extra import libdevice
 
 from .act_quant_triton import BLOCK_K, NUM_WARPS, store_e4m3_row, store_row_scale
+from .triton_launch import launch
 
 # Triton's interpreter (TRITON_INTERPRET=1, the CPU tests) has no libdevice; there the kernel takes tl.exp,
 # which on a GPU would be an approximation (ex2.approx) and differ from PyTorch's silu in the last bits.
@@ -79,6 +80,6 @@ def launch_silu_mul_(gate: torch.Tensor, up: torch.Tensor) -> tuple[torch.Tensor
     a = torch.empty((m, h), dtype=torch.float8_e4m3fn, device=gate.device)
     scale = torch.empty((m, 1), dtype=torch.float32, device=gate.device)
     if m:
-        _silu_mul_e4m3_kernel[(m,)](gate, up, a, scale, h, gate.stride(0), up.stride(0), BLOCK_K=BLOCK_K,
-                                    PRECISE=_PRECISE, num_warps=NUM_WARPS)
+        launch(_silu_mul_e4m3_kernel, (m,), gate, up, a, scale, h, gate.stride(0), up.stride(0), BLOCK_K=BLOCK_K,
+               PRECISE=_PRECISE, num_warps=NUM_WARPS)
     return a, scale
