@@ -38,15 +38,22 @@ class ChunkedOffloadUNet:
                          "compute. 0 = auto."}),
             "pin_memory": ("BOOLEAN", {"default": True, "tooltip": "Page-lock the host copy of streamed blocks: "
                            "about 5x faster transfers. Off, or if the OS refuses, pageable memory is used."}),
+        }, "optional": {
+            # Optional, after the others: workflows saved before it existed load unchanged (default on).
+            "cuda_graphs": ("BOOLEAN", {"default": True, "tooltip": "While every block is resident, capture each "
+                            "model call once in a CUDA graph and replay it: the same output bits, without the "
+                            "CPU issuing each GPU kernel of every step (faster where the CPU limits a step, e.g. "
+                            "one image per call). Next-DiT models (NewBie, Lumina-2, Z-Image) only; a call the "
+                            "graph cannot hold runs as usual, and the log says why."}),
         }}
 
-    def patch(self, model, vram_budget_gb, chunk_size, prefetch, pin_memory):
+    def patch(self, model, vram_budget_gb, chunk_size, prefetch, pin_memory, cuda_graphs=True):
         if vram_budget_gb < 0:
             raise ValueError(f"vram_budget_gb={vram_budget_gb} is negative; use 0 for auto or a size in GiB")
         if comfy.model_management.get_torch_device().type != "cuda":
             log.warning("LowVRAM Kit ChunkedOffloadUNet: no CUDA GPU here, so there is nothing to stream; the "
                         "model passes through unchanged (the workflow stays portable).")
             return (model,)
-        settings = StreamingSettings(int(vram_budget_gb * GiB), chunk_size, prefetch, pin_memory)
+        settings = StreamingSettings(int(vram_budget_gb * GiB), chunk_size, prefetch, pin_memory, bool(cuda_graphs))
         clone, _session = stream_blocks(model, settings)
         return (clone,)

@@ -26,6 +26,9 @@ How the two never manage the same weights, using ComfyUI's own patcher mechanism
 - CompileModelBlocks before or after this node: its request rides on the patcher (an attachment); the
   session compiles each block's class `forward` while attached (nodes._compiled_forwards), so the hooks
   that stream stay eager around the compiled graphs, and removes them on detach.
+- A DIFFUSION_MODEL wrapper replays each model call from a CUDA graph while every block is resident and
+  nothing else would differ between capture and replay (_graph_calls, offload.cuda_graphs): the host no longer
+  issues each kernel of a step. The graphs are dropped after each sampling and whenever the streamer detaches.
 - An ON_DETACH callback (ComfyUI unloading the model) and any exception during sampling (a refusal, a
   cancelled prompt, an OOM) detach the streamer: device slots, pinned pages and hooks are released. On an
   unload the packed host buffers (the blocks' host weights, unpinned) wait in PARKED_HOSTS, so the next
@@ -54,6 +57,7 @@ from . import _compiled_forwards as compiled_forwards
 from . import _vram_registry as guard
 from ._block_times import BlockTimes, times_key
 from ._device_reservations import free_memory
+from ._graph_calls import SessionGraphs
 from ._vram_comfy import uses_cfg
 from ._weight_patches import (BlockPatch, clear_weight_functions, find_block_patches, resident_patches,
                              set_streamed_patches)
@@ -149,6 +153,7 @@ class StreamingSettings:
     chunk_size: int
     prefetch: int
     pin_memory: bool
+    cuda_graphs: bool = True  # replay model calls from CUDA graphs while every block is resident (_graph_calls)
 
 
 class BlockStreamingSession:
@@ -179,6 +184,7 @@ class BlockStreamingSession:
         self.memory_probe = StepMemory.for_device
         # Per (device, latent shape): the budget the last attach planned with. See auto_budget.
         self.ran_budgets: dict[tuple, int] = {}
+        self.graphs = SessionGraphs(self, settings.cuda_graphs)
 
     @functools.cached_property
     def block_bytes(self) -> list[int]:
@@ -191,6 +197,7 @@ class BlockStreamingSession:
         self.patcher.add_wrapper_with_key(WrappersMP.APPLY_MODEL, KEY, self.apply_model_wrapper)
         self.patcher.add_wrapper_with_key(WrappersMP.OUTER_SAMPLE, KEY, self.outer_sample_wrapper)
         self.patcher.add_wrapper_with_key(WrappersMP.PREPARE_SAMPLING, KEY, self.prepare_sampling_wrapper)
+        self.patcher.add_wrapper_with_key(WrappersMP.DIFFUSION_MODEL, KEY, self.graphs.wrapper)
         self.patcher.add_callback_with_key(CallbacksMP.ON_DETACH, KEY, self.on_detach)
 
     # ---- lifecycle ---------------------------------------------------------------------------------
@@ -267,6 +274,7 @@ class BlockStreamingSession:
         re-plan, unpinned with unpin_kept)."""
         if self.streamer is None:
             return None
+        self.graphs.release()   # they read the weights where this streamer put them
         streamer, self.streamer, self.attached_for, self.timing = self.streamer, None, None, None
         model = self.patcher.model
         model.model_loaded_weight_memory = max(0, model.model_loaded_weight_memory - streamer.device_bytes)
@@ -445,6 +453,7 @@ class BlockStreamingSession:
             raise
         finally:
             self.cfg_doubles = False
+            self.graphs.report()   # and drop them: the VAE decodes next, and the weights may move
         self.calls.report()
         return out
 

@@ -129,6 +129,24 @@ class PooledPath:
     def __init__(self, dm: nn.Module):
         self._dm = weakref.ref(dm)  # the hook lives on dm: a strong reference would be a cycle
         self.pooled: torch.Tensor | None = None
+        self._held: torch.Tensor | None = None   # the buffer `set` copies each call's pooled vector into
+
+    def set(self, pooled: torch.Tensor | None) -> None:
+        """Hold the pooled vector [B, C] of the forward about to run. It is copied into a buffer of this
+        object's that stays the same from call to call: a model call replayed from a CUDA graph
+        (ChunkedOffloadUNet's cuda_graphs, captured inside this wrapper) reads the address it captured, so each
+        call's values must arrive there. A buffer is never made during a capture (it would outlive it)."""
+        held = self._held
+        if pooled is None or (held is not None and held.shape == pooled.shape and held.dtype == pooled.dtype
+                              and held.device == pooled.device):
+            if pooled is not None:
+                held.copy_(pooled)
+            self.pooled = None if pooled is None else held
+            return
+        if pooled.is_cuda and torch.cuda.is_current_stream_capturing():
+            self.pooled = pooled
+            return
+        self._held = self.pooled = pooled.clone()
 
     def hook(self, _module, _args, t_emb: torch.Tensor) -> torch.Tensor:
         dm = self._dm()
@@ -158,11 +176,11 @@ def _diffusion_model_wrapper(family: str):
         path = getattr(dm, PATH_ATTR, None)
         if path is None:
             return executor(x, timesteps, context, num_tokens, attention_mask, **kwargs)
-        path.pooled = kwargs.get("clip_text_pooled")
+        path.set(kwargs.get("clip_text_pooled"))
         try:
             return executor(x, timesteps, context, num_tokens, attention_mask, **kwargs)
         finally:
-            path.pooled = None
+            path.set(None)
     return forward
 
 

@@ -33,6 +33,10 @@ class Family:
     units_are_children: bool = False
     # Module in nodes/ that completes a model after ComfyUI built it (take_extra_weights + attach), or "".
     post_load: str = ""
+    # Whether one call of the diffusion model may be captured whole in a CUDA graph (ChunkedOffloadUNet's
+    # cuda_graphs): its forward makes no host syncs and reads nothing per call but its arguments. Checked on a
+    # GPU for Next-DiT (NewBie) on ComfyUI 0.3.75; each call is still probed before a capture.
+    graph_capturable: bool = False
 
     def named_stream_units(self, container) -> list[tuple[str, nn.Module]]:
         """(index path, module) of the units that stream, in call order, for one block list.
@@ -79,7 +83,8 @@ FAMILIES = (
     Family("newbie", lambda sd: "cap_embedder.1.weight" in sd and "clip_text_pooled_proj.0.weight" in sd,
            NEXTDIT_KEEP, NEXTDIT_BLOCKS, "NewBie-image (Next-DiT + Jina path)", post_load="comfy_newbie_dit"),
     Family("lumina2", lambda sd: "cap_embedder.1.weight" in sd, NEXTDIT_KEEP,
-           NEXTDIT_BLOCKS, "Next-DiT (Lumina-2, NewBie, Z-Image)", ("NextDiT",), post_load="comfy_newbie_dit"),
+           NEXTDIT_BLOCKS, "Next-DiT (Lumina-2, NewBie, Z-Image)", ("NextDiT",), post_load="comfy_newbie_dit",
+           graph_capturable=True),
     Family("sdxl", lambda sd: "input_blocks.0.0.weight" in sd and "label_emb.0.0.weight" in sd, SDXL_KEEP,
            ("input_blocks", "middle_block", "output_blocks"), "SDXL UNet", ("UNetModel",), units_are_children=True),
 )
