@@ -54,6 +54,9 @@
 #                  its thread (LOWVRAM_VRAMGUARD_SAMPLER=thread), newbie_12gb at 6 GiB, newbie_24gb and the graph
 #                  without VRAMGuard beside them; newbie_sampler_ab: process and thread alternating, 3 each. The
 #                  process was no faster (T1433-T1438) and was taken out; on later commits both halves run the thread
+#   newbie_replay  issue #7: ChunkedOffloadUNet's CUDA graphs: bench.cuda_graph_check under both allocator backends,
+#                  the NewBie DiT call graphed under cudaMallocAsync, then newbie_24gb and newbie_12gb at 6 GiB with and
+#                  without graphs (ours-nographs), fresh machine; newbie_replay_warm: the three again after warm-up starts
 #   dit6           issue #7: the NewBie DiT alone at 6 GiB (cond and uncond in one batch), fused, then layer by layer
 set -uo pipefail
 cd "$(dirname "$0")/.."
@@ -224,6 +227,19 @@ for round in "$@"; do
             mkdir -p "$OUT/async"
             run 200 newbie_graphs_async env PYTORCH_CUDA_ALLOC_CONF=backend:cudaMallocAsync python3 -m \
                 bench.newbie_dit_fidelity --models-dir "$M" --out-dir "$OUT/async" --cuda-graphs ;;
+        newbie_replay)   # issue #7: ChunkedOffloadUNet's CUDA graphs. The capture check under both allocator backends,
+                         # the whole NewBie DiT call captured under cudaMallocAsync, then newbie_24gb unconstrained
+                         # and newbie_12gb at 6 GiB with and without graphs, on a fresh machine
+            run 120 graph_check_native env PYTORCH_CUDA_ALLOC_CONF=backend:native python3 -m bench.cuda_graph_check
+            run 120 graph_check_async env PYTORCH_CUDA_ALLOC_CONF=backend:cudaMallocAsync python3 -m bench.cuda_graph_check
+            mkdir -p "$OUT/async"
+            run 200 newbie_graphs_async env PYTORCH_CUDA_ALLOC_CONF=backend:cudaMallocAsync python3 -m \
+                bench.newbie_dit_fidelity --models-dir "$M" --out-dir "$OUT/async" --cuda-graphs
+            run 330 newbie_replay "${e2e[@]}" --workflows newbie_24gb,newbie_12gb --parts extra,nographs \
+                --graphs ours,ours-nographs ;;
+        newbie_replay_warm)   # issue #7: newbie_replay's three graphs again, each after a warm-up start
+            run 400 newbie_replay_warm "${e2e[@]}" --workflows newbie_24gb,newbie_12gb --parts extra,nographs \
+                --graphs ours,ours-nographs --warm-start --cleanup ;;
         dit6)   # issue #7: bench.offload_families' NewBie rows at 6 GiB, 10 steps; then ours again layer by layer
             run 240 dit6_fused python3 -m bench.offload_families --models-dir "$M" --out-dir "$OUT" --families newbie \
                 --budgets 6 --steps 10

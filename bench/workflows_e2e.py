@@ -110,6 +110,9 @@ def plan_jobs(workflows: list[str], parts: set[str]) -> list[Job]:
         if "noguard" in parts and w == "newbie_12gb":   # A/B: VRAMGuard's 10 ms memory monitor thread off
             jobs.append(Job(w, "ours-noguard", (6.0,), "noguard", label="NewBie fp8 pipeline in 6 GiB without "
                             "VRAMGuard"))
+        if "nographs" in parts and w == "newbie_12gb":   # A/B: ChunkedOffloadUNet's CUDA graphs off
+            jobs.append(Job(w, "ours-nographs", (6.0,), "nographs", label="NewBie fp8 pipeline in 6 GiB, "
+                            "ChunkedOffloadUNet without CUDA graphs (eager calls)"))
         if "compiled" in parts and w == "newbie_12gb":
             jobs.append(Job(w, "ours-compiled", (6.0,), "compiled", label="NewBie fp8 pipeline in 6 GiB, "
                             "CompileModelBlocks after ChunkedOffloadUNet"))
@@ -146,6 +149,10 @@ def graph_for(job: Job, ctx: Context) -> dict:
         api = bypass(api, {"ChunkedOffloadTextEncoder": "clip"})
     if "noguard" in variants:   # the graph without VRAMGuard (its monitor thread samples NVML every 10 ms)
         api = bypass(api, {"VRAMGuard": "model"})
+    if "nographs" in variants:   # every model call eager, as before ChunkedOffloadUNet replayed CUDA graphs
+        for node in api.values():
+            if node["class_type"] == "ChunkedOffloadUNet":
+                node["inputs"]["cuda_graphs"] = False
     if "compiled" in variants:
         insert_after(api, "ChunkedOffloadUNet", "CompileModelBlocks", {"mode": "default"})
     for variant, compute in (("fast", "auto_fast_accum"), ("precise", "auto")):   # the fp8 GEMMs' accumulation
@@ -256,7 +263,7 @@ def run_job(job: Job, ctx: Context) -> list[dict]:
     server, stacks = None, None
     try:
         budget.set(job.budgets[0])
-        warmup_s = _warm_up(ctx, base, api) if ctx.warm_start and job.part in ("tier", "te_ab", "core", "extra", "compiled", "noguard") else None
+        warmup_s = _warm_up(ctx, base, api) if ctx.warm_start and job.part in ("tier", "te_ab", "core", "extra", "compiled", "noguard", "nographs") else None
         if ctx.stacks_dir is not None:
             stacks = ctx.stacks_dir / f"stacks_{job.workflow}_{job.graph}_{job.part}.tsv"
             stacks.unlink(missing_ok=True)
