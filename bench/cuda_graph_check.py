@@ -2,7 +2,8 @@
 
     python -m bench.cuda_graph_check        # PYTORCH_CUDA_ALLOC_CONF=backend:cudaMallocAsync for ComfyUI's default
 
-Replays must equal eager bit for bit (fused SwiGLU, per-token quantizer, weight dequantizer); a call that syncs
+Replays must equal eager bit for bit (fused SwiGLU, per-token quantizer, weight dequantizer), also in a second
+round after the graphs were dropped; a call that syncs
 must be refused at its probe; a capture that fails after allocating must turn graphs off and leave the process
 alive (under cudaMallocAsync a failed capture used to abort it: gpu_rounds_nvidia-h200_2026-11-22T1118.log).
 Prints "OK <backend>" and exits 0, or fails an assertion. tests/unit/test_cuda_graphs_gpu.py runs it per backend.
@@ -42,6 +43,11 @@ def main() -> None:
         assert graphs.stats.captured == 1 and graphs.stats.replays == 3, graphs.stats
         for e, r in zip(eager, got):
             assert torch.equal(e["y"], r["y"]) and torch.equal(e["z"], r["z"])
+        # A second round after the graphs were dropped (the next sampling): a new pool, the same bits.
+        graphs.forget()
+        again = [graphs(call, x, o) for x, o in zip(xs, opts)]
+        assert graphs.stats.captured == 1 and graphs.stats.replays == 3, graphs.stats
+        assert all(torch.equal(e["y"], r["y"]) for e, r in zip(eager, again))
 
         # A call that syncs (.item()) is refused at its probe, before any capture.
         syncs = GraphedCalls(xs[0].device)

@@ -29,6 +29,7 @@ class FakeBackend:
     def __init__(self):
         self.checking_syncs = False
         self.captures = 0
+        self.rounds = 0
 
     def on_side_stream(self, outputs):
         return contextlib.nullcontext()
@@ -40,6 +41,9 @@ class FakeBackend:
             yield
         finally:
             self.checking_syncs = False
+
+    def new_round(self):
+        self.rounds += 1
 
     def capture(self, body):
         self.captures += 1
@@ -171,6 +175,7 @@ def test_no_more_graphs_than_the_limit_and_forget_starts_over():
     assert any("more than 1 input signatures" in why for why in graphs.stats.refused)
     graphs.forget()
     assert not graphs.graphs and not graphs.probed and graphs.stats.probed == 0
+    assert backend.rounds == 1, "after the graphs go, the next capture must not reuse their memory pool"
     graphs(model, torch.ones(3), torch.ones(3))
     graphs(model, torch.ones(3), torch.ones(3))
     assert graphs.stats.captured == 1
