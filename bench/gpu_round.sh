@@ -57,6 +57,8 @@
 #   newbie_replay  issue #7: ChunkedOffloadUNet's CUDA graphs: bench.cuda_graph_check under both allocator backends,
 #                  the NewBie DiT call graphed under cudaMallocAsync, then newbie_24gb and newbie_12gb at 6 GiB with and
 #                  without graphs (ours-nographs), fresh machine; newbie_replay_warm: the three again after warm-up starts
+#   replay_profile issue #7: call trees of the graphed NewBie 6 GiB first prompt on a fresh machine; Z-Image-Turbo 16 GB
+#                  with and without graphs
 #   dit6           issue #7: the NewBie DiT alone at 6 GiB (cond and uncond in one batch), fused, then layer by layer
 set -uo pipefail
 cd "$(dirname "$0")/.."
@@ -240,6 +242,12 @@ for round in "$@"; do
         newbie_replay_warm)   # issue #7: newbie_replay's three graphs again, each after a warm-up start
             run 400 newbie_replay_warm "${e2e[@]}" --workflows newbie_24gb,newbie_12gb --parts extra,nographs \
                 --graphs ours,ours-nographs --warm-start --cleanup ;;
+        replay_profile)   # issue #7: call trees of the graphed 6 GiB NewBie first prompt on a fresh machine (the first
+                          # job there), then Z-Image-Turbo 16 GB with and without graphs (pixel digests must match)
+            run 200 newbie_replay_profile "${e2e[@]}" --workflows newbie_12gb --parts extra --graphs ours \
+                --stack-samples /tmp/stacks --cleanup
+            run 330 zimage_replay "${e2e[@]}" --workflows z_image_turbo_16gb --parts tier,nographs \
+                --graphs ours,ours-nographs --cleanup ;;
         dit6)   # issue #7: bench.offload_families' NewBie rows at 6 GiB, 10 steps; then ours again layer by layer
             run 240 dit6_fused python3 -m bench.offload_families --models-dir "$M" --out-dir "$OUT" --families newbie \
                 --budgets 6 --steps 10

@@ -110,9 +110,9 @@ def plan_jobs(workflows: list[str], parts: set[str]) -> list[Job]:
         if "noguard" in parts and w == "newbie_12gb":   # A/B: VRAMGuard's 10 ms memory monitor thread off
             jobs.append(Job(w, "ours-noguard", (6.0,), "noguard", label="NewBie fp8 pipeline in 6 GiB without "
                             "VRAMGuard"))
-        if "nographs" in parts and w == "newbie_12gb":   # A/B: ChunkedOffloadUNet's CUDA graphs off
-            jobs.append(Job(w, "ours-nographs", (6.0,), "nographs", label="NewBie fp8 pipeline in 6 GiB, "
-                            "ChunkedOffloadUNet without CUDA graphs (eager calls)"))
+        if "nographs" in parts:   # A/B: ChunkedOffloadUNet's CUDA graphs off; NewBie at issue #7's 6 GiB
+            jobs.append(Job(w, "ours-nographs", (6.0 if w == "newbie_12gb" else tier,), "nographs",
+                            label="ChunkedOffloadUNet without CUDA graphs (eager model calls)"))
         if "compiled" in parts and w == "newbie_12gb":
             jobs.append(Job(w, "ours-compiled", (6.0,), "compiled", label="NewBie fp8 pipeline in 6 GiB, "
                             "CompileModelBlocks after ChunkedOffloadUNet"))
@@ -260,10 +260,12 @@ def run_job(job: Job, ctx: Context) -> list[dict]:
     budget = Budget(ctx)
     base = Path(tempfile.mkdtemp(prefix="bench-e2e-"))
     seen_reports: set[Path] = set()
+    seen_images: set[Path] = set()
     server, stacks = None, None
     try:
         budget.set(job.budgets[0])
         warmup_s = _warm_up(ctx, base, api) if ctx.warm_start and job.part in ("tier", "te_ab", "core", "extra", "compiled", "noguard", "nographs") else None
+        seen_images.update(base.glob("output/**/*.png"))   # the warm-up prompt's
         if ctx.stacks_dir is not None:
             stacks = ctx.stacks_dir / f"stacks_{job.workflow}_{job.graph}_{job.part}.tsv"
             stacks.unlink(missing_ok=True)
@@ -297,6 +299,13 @@ def run_job(job: Job, ctx: Context) -> list[dict]:
                 row["kernel_cache"] = "warm" if warmup_s is not None else "as found"
                 if warmup_s is not None and which == "first":
                     row["warmup_prompt_s"] = warmup_s
+                images = sorted(p for p in set(base.glob("output/**/*.png")) - seen_images
+                                if "vramguard" not in p.parts)   # VRAMGuard's report chart is no output image
+                seen_images.update(images)
+                # Pixels only (the PNG also holds the prompt, which differs between graphs): equal digests of two
+                # graphs at one seed mean bit-identical images (ChunkedOffloadUNet's CUDA graphs against eager).
+                row["image_pixels_sha256"] = [pixel_digest(p) for p in images]
+                row["image_files"] = [str(p.relative_to(base)) for p in images]
                 fresh = sorted(set(base.glob("output/**/vramguard_*.json")) - seen_reports)
                 seen_reports.update(fresh)
                 if fresh:   # what VRAMGuard predicted and changed for this prompt
@@ -316,6 +325,16 @@ def run_job(job: Job, ctx: Context) -> list[dict]:
         if stacks is not None and stacks.is_file():   # one burst per prompt: the first, then the repeat
             print(stack_sampler.report(stacks), flush=True)
     return rows
+
+
+def pixel_digest(path: Path) -> str:
+    """sha256 of an image's mode, size and pixel bytes."""
+    import hashlib
+
+    from PIL import Image
+
+    with Image.open(path) as img:
+        return hashlib.sha256(f"{img.mode} {img.size}".encode() + img.tobytes()).hexdigest()
 
 
 def _warm_up(ctx: Context, base: Path, api: dict) -> float | None:

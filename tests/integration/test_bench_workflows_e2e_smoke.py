@@ -36,8 +36,11 @@ def test_workflows_e2e_smoke_measures_ours_and_core(tmp_path):
         assert "error" not in r, r
         assert r["images"] == 1 and r["steps"] == 4 and r["s_per_it"] > 0
         assert r["stages_s"]["sampling"] > 0 and r["prompt_s"] >= r["stages_s"]["sampling"]
+        assert len(r["image_pixels_sha256"]) == 1 and len(r["image_pixels_sha256"][0]) == 64
     assert "loading" in prompts[0]["stages_s"] and "loading" not in prompts[1]["stages_s"], \
         "the repeat prompt (next seed) must reuse the loaded models"
+    # one seed, two graphs: the digests tell images apart (the next seed gives another image)
+    assert prompts[0]["image_pixels_sha256"] != prompts[1]["image_pixels_sha256"]
     assert "sdxl_12gb" in proc.stdout and "wrote" in proc.stdout
     # the pack's own log lines of each of our prompts travel with the row (VRAMGuard's decision at least)
     assert any("VRAMGuard" in line for line in prompts[0]["pack_log"]), prompts[0]["pack_log"]
