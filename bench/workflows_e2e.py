@@ -317,6 +317,9 @@ def run_job(job: Job, ctx: Context) -> list[dict]:
     except (ServerError, BallastError, RuntimeError, OSError) as e:
         rows.append({**base_row, "kind": "error", "error": f"{type(e).__name__}: {str(e)[:1500]}"})
         print(f"[e2e] {job.workflow} {job.graph}: {type(e).__name__}: {str(e)[:300]}", flush=True)
+        if server is not None:   # a server that died says why only in its log, which goes with `base` below
+            rows[-1]["server_log_tail"] = server.log_tail(80)
+            print(rows[-1]["server_log_tail"][-4000:], flush=True)
     finally:
         if server is not None:
             server.stop()
