@@ -77,13 +77,16 @@ def _register_routes() -> None:
 
 
 def _prefetch_triton_key() -> None:
-    """Triton's one-time installation hash, computed while the server starts (quant/triton_prefetch.py)."""
+    """Triton's one-time installation hash and the fp8 kernels, made while the server starts
+    (quant/triton_prefetch.py, quant/kernel_warmup.py)."""
     if importlib.util.find_spec("comfy") is None:
         return
     try:
         import torch
 
-        importlib.import_module(".quant.triton_prefetch", __name__).prefetch_triton_key(torch.cuda.is_available())
+        warmup = importlib.import_module(".quant.kernel_warmup", __name__)
+        importlib.import_module(".quant.triton_prefetch", __name__).prefetch_triton_key(
+            torch.cuda.is_available(), then=warmup.warm_fp8_kernels)
     except Exception:  # noqa: BLE001  (an optimisation must not take the nodes down)
         _log.exception("LowVRAM Kit: could not start computing Triton's cache key")
 

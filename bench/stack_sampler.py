@@ -53,8 +53,14 @@ def _sample_forever(out: Path, interval_s: float, thread_name: str) -> None:
             time.sleep(interval_s)
             ident = next((t.ident for t in threading.enumerate() if thread_name in t.name), None)
             frame = sys._current_frames().get(ident) if ident is not None else None
-            if frame is not None:
-                f.write(f"{time.monotonic():.4f}\t{';'.join(_frame_names(frame))}\n")
+            names = _frame_names(frame) if frame is not None else None
+            # Drop the frame now, not at the next sample: held across the sleep, a frame that returned meanwhile
+            # kept its locals alive, and they were freed here, in this thread. Tensors of a CUDA graph capture
+            # freed from another thread while it ran aborted the server (cudaMallocAsync: "invalid argument" in
+            # free_impl; bench/results/workflows_e2e_nvidia-h200_2026-11-22T1717.json, the repeat prompt).
+            del frame
+            if names is not None:
+                f.write(f"{time.monotonic():.4f}\t{';'.join(names)}\n")
             if time.monotonic() - last_flush > 0.5:    # the server is stopped with SIGTERM: no atexit
                 f.flush()
                 last_flush = time.monotonic()

@@ -8,8 +8,9 @@ The key depends on nothing but the installed files, and Triton keeps it for the 
 (functools.lru_cache), so computing it once while the server starts moves that time out of the first
 prompt. The hashing runs in hashlib, which releases the GIL: the thread does not hold up the server.
 
-Only the key: compiling or loading kernels needs the GPU and, run beside the model loading, made the
-loading slower (bench/results/gpu_rounds_nvidia-h200_2026-11-22T0356.log).
+Compiling or loading kernels needs the GPU and, run beside the model loading (inside the first prompt), made the
+loading slower (bench/results/gpu_rounds_nvidia-h200_2026-11-22T0356.log); the pack asks for it here, at server
+start, before any prompt (`then`: quant.kernel_warmup).
 """
 
 from __future__ import annotations
@@ -41,19 +42,22 @@ def find_key_function() -> Callable[[], str] | None:
     return None
 
 
-def _compute() -> None:
+def _compute(then: Callable[[], object] | None = None) -> None:
     try:
         fn = find_key_function()
         if fn is not None:
             fn()
-    except Exception:  # noqa: BLE001  (an optimisation: the first kernel launch computes the key anyway)
-        log.debug("LowVRAM Kit: computing Triton's cache key ahead failed", exc_info=True)
+        if then is not None:
+            then()
+    except Exception:  # noqa: BLE001  (an optimisation: the first kernel launch does all of it anyway)
+        log.debug("LowVRAM Kit: preparing Triton ahead failed", exc_info=True)
 
 
-def prefetch_triton_key(cuda_available: bool) -> threading.Thread | None:
-    """Start the background thread where Triton kernels can run (CUDA present, triton installed); else None."""
+def prefetch_triton_key(cuda_available: bool, then: Callable[[], object] | None = None) -> threading.Thread | None:
+    """Start the background thread where Triton kernels can run (CUDA present, triton installed); else None.
+    `then` runs in it after the key: the server start warms the fp8 kernels so (quant.kernel_warmup)."""
     if not cuda_available or importlib.util.find_spec("triton") is None:
         return None
-    thread = threading.Thread(target=_compute, name=THREAD_NAME, daemon=True)
+    thread = threading.Thread(target=_compute, args=(then,), name=THREAD_NAME, daemon=True)
     thread.start()
     return thread

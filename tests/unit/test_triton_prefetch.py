@@ -31,3 +31,25 @@ def test_a_failing_key_function_is_only_logged(monkeypatch, caplog):
 
     monkeypatch.setattr(triton_prefetch, "find_key_function", lambda: broken)
     triton_prefetch._compute()   # must not raise: the first launch computes the key itself
+
+
+def test_the_thread_runs_the_kernel_warm_up_after_the_key_and_survives_its_failure(monkeypatch, caplog):
+    ran = []
+    monkeypatch.setattr(triton_prefetch, "find_key_function", lambda: None)
+    thread = triton_prefetch.prefetch_triton_key(cuda_available=True, then=lambda: ran.append("warm"))
+    if thread is None:
+        pytest.skip("triton is not installed here")
+    thread.join(timeout=60)
+    assert ran == ["warm"]
+
+    def no_gpu():
+        raise RuntimeError("no CUDA device")
+    with caplog.at_level("DEBUG", logger="lowvram"):
+        triton_prefetch.prefetch_triton_key(cuda_available=True, then=no_gpu).join(timeout=60)
+    assert "preparing Triton ahead failed" in caplog.text
+
+
+def test_the_kernel_warm_up_runs_nothing_without_fp8_units():
+    from quant.kernel_warmup import warm_fp8_kernels
+
+    assert warm_fp8_kernels("cpu") is False
