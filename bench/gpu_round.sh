@@ -59,6 +59,8 @@
 #                  without graphs (ours-nographs), fresh machine; newbie_replay_warm: the three again after warm-up starts
 #   replay_profile issue #7: call trees of the graphed NewBie 6 GiB first prompt on a fresh machine; Z-Image-Turbo 16 GB
 #                  with and without graphs
+#   newbie_final   issue #7: graph checks, newbie_replay fresh and after warm-up starts, and the graphed 6 GiB prompts under
+#                  the stack sampler
 #   dit6           issue #7: the NewBie DiT alone at 6 GiB (cond and uncond in one batch), fused, then layer by layer
 set -uo pipefail
 cd "$(dirname "$0")/.."
@@ -248,6 +250,16 @@ for round in "$@"; do
                 --stack-samples /tmp/stacks --cleanup
             run 330 zimage_replay "${e2e[@]}" --workflows z_image_turbo_16gb --parts tier,nographs \
                 --graphs ours,ours-nographs --cleanup ;;
+        newbie_final)   # issue #7: the graph checks; newbie_replay's three graphs on a fresh machine, then each after a
+                        # warm-up start; then the graphed 6 GiB first and repeat prompt under the stack sampler
+            run 60 graph_check_native env PYTORCH_CUDA_ALLOC_CONF=backend:native python3 -m bench.cuda_graph_check
+            run 60 graph_check_async env PYTORCH_CUDA_ALLOC_CONF=backend:cudaMallocAsync python3 -m bench.cuda_graph_check
+            run 200 newbie_final_fresh "${e2e[@]}" --workflows newbie_24gb,newbie_12gb --parts extra,nographs \
+                --graphs ours,ours-nographs
+            run 250 newbie_final_warm "${e2e[@]}" --workflows newbie_24gb,newbie_12gb --parts extra,nographs \
+                --graphs ours,ours-nographs --warm-start
+            run 100 newbie_final_profile "${e2e[@]}" --workflows newbie_12gb --parts extra --graphs ours \
+                --stack-samples /tmp/stacks --cleanup ;;
         dit6)   # issue #7: bench.offload_families' NewBie rows at 6 GiB, 10 steps; then ours again layer by layer
             run 240 dit6_fused python3 -m bench.offload_families --models-dir "$M" --out-dir "$OUT" --families newbie \
                 --budgets 6 --steps 10
