@@ -61,6 +61,7 @@
 #                  with and without graphs
 #   newbie_final   issue #7: graph checks, newbie_replay fresh and after warm-up starts, and the graphed 6 GiB prompts under
 #                  the stack sampler
+#   newbie_fidelity issue #7: newbie_12gb's latents at 6 GiB with and without CUDA graphs (digests must be equal)
 #   dit6           issue #7: the NewBie DiT alone at 6 GiB (cond and uncond in one batch), fused, then layer by layer
 set -uo pipefail
 cd "$(dirname "$0")/.."
@@ -260,6 +261,9 @@ for round in "$@"; do
                 --graphs ours,ours-nographs --warm-start
             run 100 newbie_final_profile "${e2e[@]}" --workflows newbie_12gb --parts extra --graphs ours \
                 --stack-samples /tmp/stacks --cleanup ;;
+        newbie_fidelity)   # issue #7: the 6 GiB graph's sampled latents (SaveLatent) with and without CUDA graphs
+            run 300 newbie_fidelity "${e2e[@]}" --workflows newbie_12gb --parts fidelity \
+                --graphs ours-latent,ours-nographs-latent --cleanup ;;
         dit6)   # issue #7: bench.offload_families' NewBie rows at 6 GiB, 10 steps; then ours again layer by layer
             run 240 dit6_fused python3 -m bench.offload_families --models-dir "$M" --out-dir "$OUT" --families newbie \
                 --budgets 6 --steps 10

@@ -110,6 +110,9 @@ def plan_jobs(workflows: list[str], parts: set[str]) -> list[Job]:
         if "noguard" in parts and w == "newbie_12gb":   # A/B: VRAMGuard's 10 ms memory monitor thread off
             jobs.append(Job(w, "ours-noguard", (6.0,), "noguard", label="NewBie fp8 pipeline in 6 GiB without "
                             "VRAMGuard"))
+        if "fidelity" in parts and w == "newbie_12gb":   # the sampled latents with and without graphs: same bits?
+            for graph in ("ours-latent", "ours-nographs-latent"):
+                jobs.append(Job(w, graph, (6.0,), "fidelity", label="the sampler's latents saved (SaveLatent)"))
         if "nographs" in parts:   # A/B: ChunkedOffloadUNet's CUDA graphs off; NewBie at issue #7's 6 GiB
             jobs.append(Job(w, "ours-nographs", (6.0 if w == "newbie_12gb" else tier,), "nographs",
                             label="ChunkedOffloadUNet without CUDA graphs (eager model calls)"))
@@ -153,6 +156,10 @@ def graph_for(job: Job, ctx: Context) -> dict:
         for node in api.values():
             if node["class_type"] == "ChunkedOffloadUNet":
                 node["inputs"]["cuda_graphs"] = False
+    if "latent" in variants:   # the sampler's output saved too: its digest does not depend on how the VAE tiles
+        (sampler,) = [nid for nid, node in api.items() if node["class_type"] == "KSampler"]
+        api[str(max(int(nid) for nid in api) + 1)] = {"class_type": "SaveLatent", "inputs": {
+            "samples": [sampler, 0], "filename_prefix": "latents/lowvram"}}
     if "compiled" in variants:
         insert_after(api, "ChunkedOffloadUNet", "CompileModelBlocks", {"mode": "default"})
     for variant, compute in (("fast", "auto_fast_accum"), ("precise", "auto")):   # the fp8 GEMMs' accumulation
@@ -265,7 +272,7 @@ def run_job(job: Job, ctx: Context) -> list[dict]:
     try:
         budget.set(job.budgets[0])
         warmup_s = _warm_up(ctx, base, api) if ctx.warm_start and job.part in ("tier", "te_ab", "core", "extra", "compiled", "noguard", "nographs") else None
-        seen_images.update(base.glob("output/**/*.png"))   # the warm-up prompt's
+        seen_images.update([*base.glob("output/**/*.png"), *base.glob("output/**/*.latent")])   # the warm-up's
         if ctx.stacks_dir is not None:
             stacks = ctx.stacks_dir / f"stacks_{job.workflow}_{job.graph}_{job.part}.tsv"
             stacks.unlink(missing_ok=True)
@@ -306,6 +313,10 @@ def run_job(job: Job, ctx: Context) -> list[dict]:
                 # graphs at one seed mean bit-identical images (ChunkedOffloadUNet's CUDA graphs against eager).
                 row["image_pixels_sha256"] = [pixel_digest(p) for p in images]
                 row["image_files"] = [str(p.relative_to(base)) for p in images]
+                latents = sorted(set(base.glob("output/**/*.latent")) - seen_images)
+                seen_images.update(latents)
+                if latents:
+                    row["latent_sha256"] = [latent_digest(p) for p in latents]
                 fresh = sorted(set(base.glob("output/**/vramguard_*.json")) - seen_reports)
                 seen_reports.update(fresh)
                 if fresh:   # what VRAMGuard predicted and changed for this prompt
@@ -338,6 +349,18 @@ def pixel_digest(path: Path) -> str:
 
     with Image.open(path) as img:
         return hashlib.sha256(f"{img.mode} {img.size}".encode() + img.tobytes()).hexdigest()
+
+
+def latent_digest(path: Path) -> str:
+    """sha256 of a SaveLatent file's tensor: dtype, shape and bytes (its header also holds the prompt)."""
+    import hashlib
+
+    import torch
+    from safetensors.torch import load_file
+
+    t = load_file(str(path))["latent_tensor"].contiguous()
+    return hashlib.sha256(f"{t.dtype} {tuple(t.shape)}".encode() + t.reshape(-1).view(torch.uint8).numpy().tobytes()
+                          ).hexdigest()
 
 
 def _warm_up(ctx: Context, base: Path, api: dict) -> float | None:
