@@ -62,6 +62,7 @@
 #   newbie_final   issue #7: graph checks, newbie_replay fresh and after warm-up starts, and the graphed 6 GiB prompts under
 #                  the stack sampler
 #   newbie_fidelity issue #7: newbie_12gb's latents at 6 GiB with and without CUDA graphs (digests must be equal)
+#   newbie_fresh   issue #7: newbie_12gb at 6 GiB then newbie_24gb unconstrained, on a machine just started
 #   dit6           issue #7: the NewBie DiT alone at 6 GiB (cond and uncond in one batch), fused, then layer by layer
 set -uo pipefail
 cd "$(dirname "$0")/.."
@@ -264,6 +265,9 @@ for round in "$@"; do
         newbie_fidelity)   # issue #7: the 6 GiB graph's sampled latents (SaveLatent) with and without CUDA graphs
             run 300 newbie_fidelity "${e2e[@]}" --workflows newbie_12gb --parts fidelity \
                 --graphs ours-latent,ours-nographs-latent --cleanup ;;
+        newbie_fresh)   # issue #7: on a machine just started, the 6 GiB graph first (its first prompt pays what the
+                        # machine has not cached), then the resident bf16 pipeline unconstrained
+            run 300 newbie_fresh "${e2e[@]}" --workflows newbie_24gb,newbie_12gb --parts extra --graphs ours --cleanup ;;
         dit6)   # issue #7: bench.offload_families' NewBie rows at 6 GiB, 10 steps; then ours again layer by layer
             run 240 dit6_fused python3 -m bench.offload_families --models-dir "$M" --out-dir "$OUT" --families newbie \
                 --budgets 6 --steps 10
