@@ -1,8 +1,8 @@
 """Compile (or load from Triton's cache) the fp8 path's Triton kernels while the server starts.
 
-On a machine whose Triton cache is empty, the first prompt built them inside its text encoding: Triton's CUDA
+On a machine whose Triton cache is empty, the first prompt built them at their first launches: Triton's CUDA
 driver module (a C file built with the system compiler, 1.26 s) and the per-token quantizer and fused SwiGLU
-kernels (ptxas), 2.2 s of the 6 GiB NewBie first prompt on the H200
+kernels (ptxas), 2.12 s of the 6 GiB NewBie first prompt on the H200
 (bench/results/gpu_rounds_nvidia-h200_2026-11-22T1714.log, call trees of a fresh machine's first prompt). With
 a warm cache, the same launches load them in well under a second. The launches here are the real ones on tiny
 bf16 tensors, so the kernels come out specialised as a model's layers ask for them (16-byte aligned pointers,
