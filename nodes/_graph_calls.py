@@ -6,8 +6,10 @@ replay except the input tensors' values; otherwise the call runs eager and the r
 live for one sampling: they are dropped when it ends (their memory given back before the VAE decodes) and
 whenever the streamer detaches (a re-plan or an unload moves the weights the graphs read).
 
-Replayed calls give the eager call's bits (tests/integration/test_cuda_graph_calls.py on a GPU; the fidelity
-rule: offloading must not change a single output bit). LOWVRAM_CUDA_GRAPHS=0 turns the graphs off
+Replayed calls give the eager call's bits (the fidelity rule: offloading must not change a single output bit):
+bench.cuda_graph_check on fp8 calls (tests/unit/test_cuda_graphs_gpu.py), and the NewBie pipeline's sampled
+latents with and without graphs (bench round newbie_fidelity, bench/results/workflows_e2e_*T1729, T1731). Which
+calls are graphed: tests/integration/test_graph_calls_policy.py. LOWVRAM_CUDA_GRAPHS=0 turns the graphs off
 everywhere (A/B in the benchmark).
 """
 from __future__ import annotations
