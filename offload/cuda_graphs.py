@@ -24,6 +24,11 @@ capture's graph and exception (whose frames hold those tensors) are kept for the
 were never launched: no physical memory behind them), graphs are turned off for this GraphedCalls, and the call
 runs eager. The owner drops every graph (clear) when the weights may move: after a sampling, on re-plans, on
 unload; the graphs hold the weights' addresses, not references to them.
+
+One hazard no code here can prevent: a tensor allocated during a capture must not be freed by another thread
+while the capture runs. Only something holding the capturing thread's frames does that (an in-process sampling
+profiler that kept the last frame across its sleep aborted the server so: bench/results/
+workflows_e2e_nvidia-h200_2026-11-22T1717.json; bench.stack_sampler now drops it at once).
 """
 from __future__ import annotations
 
