@@ -137,8 +137,10 @@ class PooledPath:
         (ChunkedOffloadUNet's cuda_graphs, captured inside this wrapper) reads the address it captured, so each
         call's values must arrive there. A buffer is never made during a capture (it would outlive it)."""
         held = self._held
+        # An inference-mode buffer takes no in-place copy outside inference mode (a later call made otherwise).
         if pooled is None or (held is not None and held.shape == pooled.shape and held.dtype == pooled.dtype
-                              and held.device == pooled.device):
+                              and held.device == pooled.device
+                              and held.is_inference() == torch.is_inference_mode_enabled()):
             if pooled is not None:
                 held.copy_(pooled)
             self.pooled = None if pooled is None else held

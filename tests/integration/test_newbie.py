@@ -108,6 +108,19 @@ def test_the_pooled_vector_reaches_the_model_row_by_row(newbie_bf16):
     torch.testing.assert_close(forward(newbie_bf16, None, ctx), out_none, atol=0, rtol=0)
 
 
+def test_the_pooled_vector_passes_in_and_out_of_inference_mode(newbie_bf16):
+    # PooledPath keeps one buffer for the pooled vector (a CUDA graph replay reads its address); a buffer made in
+    # inference mode (ComfyUI's sampling) takes no in-place copy outside it, so a later call there makes another.
+    g = torch.Generator().manual_seed(3)
+    ctx, pooled = torch.randn(1, 6, 2560, generator=g), torch.randn(1, 1024, generator=g)
+    with torch.inference_mode():
+        inside = forward(newbie_bf16, pooled, ctx)
+    outside = forward(newbie_bf16, pooled, ctx)
+    torch.testing.assert_close(inside, outside, atol=0, rtol=0)
+    with torch.inference_mode():
+        torch.testing.assert_close(forward(newbie_bf16, pooled, ctx), inside, atol=0, rtol=0)
+
+
 def test_sampling_batches_cond_and_uncond_with_their_own_pooled_vectors(newbie_bf16):
     import comfy.sample
 
