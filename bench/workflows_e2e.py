@@ -24,6 +24,7 @@ it measured); the table printed last is what the README shows.
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
 import os
 import re
@@ -267,12 +268,12 @@ def run_job(job: Job, ctx: Context) -> list[dict]:
     budget = Budget(ctx)
     base = Path(tempfile.mkdtemp(prefix="bench-e2e-"))
     seen_reports: set[Path] = set()
-    seen_images: set[Path] = set()
+    seen_outputs: set[Path] = set()
     server, stacks = None, None
     try:
         budget.set(job.budgets[0])
         warmup_s = _warm_up(ctx, base, api) if ctx.warm_start and job.part in ("tier", "te_ab", "core", "extra", "compiled", "noguard", "nographs") else None
-        seen_images.update([*base.glob("output/**/*.png"), *base.glob("output/**/*.latent")])   # the warm-up's
+        seen_outputs.update([*base.glob("output/**/*.png"), *base.glob("output/**/*.latent")])   # the warm-up's
         if ctx.stacks_dir is not None:
             stacks = ctx.stacks_dir / f"stacks_{job.workflow}_{job.graph}_{job.part}.tsv"
             stacks.unlink(missing_ok=True)
@@ -306,15 +307,15 @@ def run_job(job: Job, ctx: Context) -> list[dict]:
                 row["kernel_cache"] = "warm" if warmup_s is not None else "as found"
                 if warmup_s is not None and which == "first":
                     row["warmup_prompt_s"] = warmup_s
-                images = sorted(p for p in set(base.glob("output/**/*.png")) - seen_images
+                images = sorted(p for p in set(base.glob("output/**/*.png")) - seen_outputs
                                 if "vramguard" not in p.parts)   # VRAMGuard's report chart is no output image
-                seen_images.update(images)
+                seen_outputs.update(images)
                 # Pixels only (the PNG also holds the prompt, which differs between graphs): equal digests of two
                 # graphs at one seed mean bit-identical images (ChunkedOffloadUNet's CUDA graphs against eager).
                 row["image_pixels_sha256"] = [pixel_digest(p) for p in images]
                 row["image_files"] = [str(p.relative_to(base)) for p in images]
-                latents = sorted(set(base.glob("output/**/*.latent")) - seen_images)
-                seen_images.update(latents)
+                latents = sorted(set(base.glob("output/**/*.latent")) - seen_outputs)
+                seen_outputs.update(latents)
                 if latents:
                     row["latent_sha256"] = [latent_digest(p) for p in latents]
                 fresh = sorted(set(base.glob("output/**/vramguard_*.json")) - seen_reports)
@@ -343,8 +344,6 @@ def run_job(job: Job, ctx: Context) -> list[dict]:
 
 def pixel_digest(path: Path) -> str:
     """sha256 of an image's mode, size and pixel bytes."""
-    import hashlib
-
     from PIL import Image
 
     with Image.open(path) as img:
@@ -353,8 +352,6 @@ def pixel_digest(path: Path) -> str:
 
 def latent_digest(path: Path) -> str:
     """sha256 of a SaveLatent file's tensor: dtype, shape and bytes (its header also holds the prompt)."""
-    import hashlib
-
     import torch
     from safetensors.torch import load_file
 
