@@ -20,7 +20,7 @@ import weakref
 
 import torch
 
-from ..offload.cuda_graphs import GraphedCalls, release_graph_memory
+from ..offload.cuda_graphs import GraphedCalls, GraphStats, release_graph_memory
 from ..quant import triton_launch
 from . import _vram_registry as guard
 
@@ -89,19 +89,15 @@ class SessionGraphs:
 
     def report(self) -> None:
         """After a sampling: one log line and a VRAMGuard report event; then the graphs go."""
-        stats = self.calls.stats if self.calls is not None else None
+        stats = self.calls.stats if self.calls is not None else GraphStats()
         eager = dict(self.eager)
-        if stats is not None:
-            for why, n in stats.refused.items():
-                eager[why] = eager.get(why, 0) + n
-        replays = stats.replays if stats is not None else 0
-        captured = stats.captured if stats is not None else 0
-        probed = stats.probed if stats is not None else 0
-        if replays or eager or probed:
-            guard.note({"kind": "cuda graphs", "captured": captured, "replayed_calls": replays,
-                        "probe_calls": probed, "eager_calls": eager})
+        for why, n in stats.refused.items():
+            eager[why] = eager.get(why, 0) + n
+        if stats.replays or eager or stats.probed:
+            guard.note({"kind": "cuda graphs", "captured": stats.captured, "replayed_calls": stats.replays,
+                        "probe_calls": stats.probed, "eager_calls": eager})
             log.info("LowVRAM Kit ChunkedOffloadUNet: CUDA graphs: %d captured, %d model calls replayed, %d run "
-                     "eager to probe%s", captured, replays, probed,
+                     "eager to probe%s", stats.captured, stats.replays, stats.probed,
                      "".join(f"; {n} eager: {why}" for why, n in eager.items()))
         self.eager.clear()
         self.release()

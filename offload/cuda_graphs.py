@@ -224,11 +224,9 @@ class GraphStats:
     probed: int = 0
     captured: int = 0
     replays: int = 0
-    eager_calls: int = 0
     refused: dict[str, int] = field(default_factory=dict)   # reason -> calls run eager for it
 
     def refuse(self, why: str) -> None:
-        self.eager_calls += 1
         self.refused[why] = self.refused.get(why, 0) + 1
 
 
